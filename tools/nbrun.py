@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ipykernel.kernelspec
 import nbformat
+from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
@@ -45,11 +46,12 @@ def run_notebook(path: str | Path, *, cell_timeout: int = 600, allow_errors: boo
     """
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    kernel = KernelManager(kernel_name=CURRENT_ENV_KERNEL, kernel_spec_manager=_CurrentEnvKernelSpecs())
     client = NotebookClient(
         nb,
+        km=kernel,
         timeout=cell_timeout,
         kernel_name=CURRENT_ENV_KERNEL,
-        kernel_manager_kwargs={"kernel_spec_manager": _CurrentEnvKernelSpecs()},
         allow_errors=allow_errors,
         resources={"metadata": {"path": str(path.parent.resolve())}},
     )
