@@ -2,9 +2,11 @@
 import re
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from diffusion_checks import NOT_ATTEMPTED_MARK
+from tools.colab import badge, has_snippet
 from tools.make_exercises import LESSONS, exercise_bytes, solution_paths
 from tools.nbrun import cell_errors, cell_text, run_notebook
 
@@ -38,3 +40,17 @@ def test_blank_lesson_only_raises_not_implemented(solution):
     for cell in checks:
         assert NOT_ATTEMPTED_MARK in cell_text(cell), (
             f"this check did not report 'not attempted' on the blank lesson:\n{cell.source}")
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.stem)
+def test_set_up_cell_opens_with_the_colab_lines(solution):
+    assert has_snippet(nbformat.read(solution, as_version=4)), (
+        f"solutions/{solution.name}: the first code cell must start with tools.colab.SETUP_SNIPPET; "
+        "run `python -m tools.colab --apply` then `python -m tools.make_exercises`")
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.stem)
+def test_readme_lesson_map_opens_the_lesson_in_colab(solution):
+    readme = (LESSONS.parent / "README.md").read_text(encoding="utf-8")
+    assert badge(f"lessons/{solution.name}") in readme, (
+        f"README.md's lesson map has no Colab badge for lessons/{solution.name} (tools.colab.badge)")

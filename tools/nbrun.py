@@ -11,7 +11,6 @@ from pathlib import Path
 
 import ipykernel.kernelspec
 import nbformat
-from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
@@ -38,6 +37,16 @@ class CellError:
     evalue: str
 
 
+class CurrentEnvClient(NotebookClient):
+    """A notebook client whose kernel runs this process's Python (and is shut down after)."""
+
+    def create_kernel_manager(self):
+        self.km = self.kernel_manager_class(
+            kernel_name=CURRENT_ENV_KERNEL, kernel_spec_manager=_CurrentEnvKernelSpecs(),
+            config=self.config)
+        return self.km
+
+
 def run_notebook(path: str | Path, *, cell_timeout: int = 600, allow_errors: bool = True):
     """Execute the notebook at ``path`` (working directory: its folder) and return it executed.
 
@@ -46,15 +55,8 @@ def run_notebook(path: str | Path, *, cell_timeout: int = 600, allow_errors: boo
     """
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    kernel = KernelManager(kernel_name=CURRENT_ENV_KERNEL, kernel_spec_manager=_CurrentEnvKernelSpecs())
-    client = NotebookClient(
-        nb,
-        km=kernel,
-        timeout=cell_timeout,
-        kernel_name=CURRENT_ENV_KERNEL,
-        allow_errors=allow_errors,
-        resources={"metadata": {"path": str(path.parent.resolve())}},
-    )
+    client = CurrentEnvClient(nb, timeout=cell_timeout, allow_errors=allow_errors,
+                              resources={"metadata": {"path": str(path.parent.resolve())}})
     client.execute()
     return nb
 

@@ -1,0 +1,157 @@
+"""Open the course's notebooks in Google Colab: badges, and the set-up lines that fetch the course.
+
+    python -m tools.colab --check     # exit 1 naming solution notebooks without the set-up lines
+    python -m tools.colab --apply     # put / update them at the top of each first code cell
+    python -m tools.colab --badges    # the lesson map's badges, as a Markdown table
+
+Every notebook's set-up cell starts with :data:`SETUP_SNIPPET`. On Colab it clones this
+repository (once) into /content/diffusion-course, puts it on ``sys.path`` so
+``import diffusion_utilities`` works, and moves into its lessons/ folder. Anywhere else it
+does nothing and touches no network. After ``--apply``, regenerate the lessons with
+``python -m tools.make_exercises``.
+
+A fork changes :data:`REPOSITORY` (and runs ``--apply``) so badges and clones point at it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import nbformat
+
+from tools.make_exercises import ROOT, SOLUTIONS, solution_paths
+
+REPOSITORY = "diffusion-course/diffusion-course"  # GitHub owner/name: a fork changes this line
+BRANCH = "main"
+COLAB_DIR = "/content/diffusion-course"
+BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+SETUP_SNIPPET = f"""\
+import sys
+if "google.colab" in sys.modules:  # on Colab: fetch the course once (elsewhere: nothing)
+    import os, subprocess
+    if not os.path.isdir("{COLAB_DIR}"):
+        subprocess.run(["git", "clone", "--depth", "1",
+                        "https://github.com/{REPOSITORY}.git",
+                        "{COLAB_DIR}"], check=True)
+    sys.path.insert(0, "{COLAB_DIR}")
+    os.chdir("{COLAB_DIR}/lessons")
+"""
+SNIPPET_OPENING = ('import sys\nif "google.colab" in sys.modules:')  # how any version starts
+
+
+def colab_url(notebook_path: str | Path) -> str:
+    """The Colab address that opens ``notebook_path`` (relative to the repository) from GitHub."""
+    path = Path(notebook_path)
+    if path.is_absolute():
+        path = path.resolve().relative_to(ROOT)
+    return f"https://colab.research.google.com/github/{REPOSITORY}/blob/{BRANCH}/{path.as_posix()}"
+
+
+def badge(notebook_path: str | Path) -> str:
+    """A Markdown "Open in Colab" badge for ``notebook_path``, e.g. ``lessons/01_x.ipynb``."""
+    return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(notebook_path)})"
+
+
+def badge_table(solutions: list[Path] | None = None) -> str:
+    """The lesson map's badges: one row per lesson, exercises and solutions."""
+    rows = ["| lesson | exercises | solutions |", "|---|---|---|"]
+    for path in solutions if solutions is not None else solution_paths():
+        rows.append(f"| {path.stem} | {badge(f'lessons/{path.name}')} | "
+                    f"{badge(f'solutions/{path.name}')} |")
+    return "\n".join(rows)
+
+
+def _first_code_cell(nb):
+    return next((cell for cell in nb.cells if cell.cell_type == "code"), None)
+
+
+def has_snippet(nb) -> bool:
+    cell = _first_code_cell(nb)
+    return cell is not None and cell.source.startswith(SETUP_SNIPPET)
+
+
+def with_snippet(source: str) -> str:
+    """``source`` with the current snippet at its top, replacing any earlier version of it."""
+    if source.startswith(SNIPPET_OPENING):
+        lines = source.splitlines(keepends=True)
+        end = 2
+        while end < len(lines) and (lines[end][:1] in (" ", "\t")):
+            end += 1
+        source = "".join(lines[end:])
+    rest = source.lstrip("\n")
+    return SETUP_SNIPPET + ("\n" + rest if rest else "").rstrip("\n")
+
+
+def _read(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nbformat.read(path, as_version=4)
+
+
+def check(paths: list[Path]) -> list[Path]:
+    """The notebooks whose first code cell does not start with :data:`SETUP_SNIPPET`."""
+    return [path for path in paths if not has_snippet(_read(path))]
+
+
+def apply(paths: list[Path]) -> list[Path]:
+    """Insert or update the snippet in each notebook's first code cell; return those changed."""
+    changed = []
+    for path in paths:
+        nb = _read(path)
+        cell = _first_code_cell(nb)
+        if cell is None:
+            cell = nbformat.v4.new_code_cell("")
+            nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
+        new = with_snippet(cell.source)
+        if new == cell.source:
+            continue
+        cell.source = new
+        ending = "\n" if path.read_bytes().endswith(b"\n") else ""
+        path.write_text(nbformat.writes(nb, version=4) + ending, encoding="utf-8")
+        changed.append(path)
+    return changed
+
+
+def _shown(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.colab", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", action="store_true", help="report notebooks without the snippet")
+    action.add_argument("--apply", action="store_true", help="insert or update the snippet")
+    action.add_argument("--badges", action="store_true", help="print the lesson map's badges")
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help=f"notebooks (default: every solution notebook in {SOLUTIONS.name}/)")
+    args = parser.parse_args(argv)
+    paths = args.notebooks or solution_paths()
+    if args.badges:
+        print(badge_table(paths))
+        return 0
+    if args.check:
+        missing = check(paths)
+        if missing:
+            print("these notebooks' first code cell does not start with the Colab set-up "
+                  "lines (run `python -m tools.colab --apply`):", file=sys.stderr)
+            print("\n".join(f"  {_shown(p)}" for p in missing), file=sys.stderr)
+            return 1
+        print(f"every notebook ({len(paths)}) starts with the Colab set-up lines")
+        return 0
+    changed = apply(paths)
+    print("\n".join(f"updated {_shown(p)}" for p in changed) or "nothing to change")
+    if changed:
+        print("now regenerate the lessons: python -m tools.make_exercises")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
