@@ -796,6 +796,12 @@ def _check_groups(channels: int, groups: int, where: str) -> None:
                          f"got {channels} channels")
 
 
+def _check_heads(channels: int, heads: int, groups: int, where: str) -> None:
+    if channels % heads:
+        raise ValueError(f"{where} needs channels divisible by heads={heads}, got {channels}")
+    _check_groups(channels, groups, where)
+
+
 def _zero_(layer: nn.Module) -> nn.Module:
     """Set a layer's weight and bias to zero, so the branch it ends starts switched off."""
     for p in layer.parameters():
@@ -878,10 +884,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, *, heads: int = 4, groups: int = 8):
         super().__init__()
-        if channels % heads:
-            raise ValueError(f"SelfAttention needs channels divisible by heads={heads}, "
-                             f"got {channels}")
-        _check_groups(channels, groups, "SelfAttention")
+        _check_heads(channels, heads, groups, "SelfAttention")
         self.heads = heads
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -910,10 +913,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, *, heads: int = 4, groups: int = 8):
         super().__init__()
-        if channels % heads:
-            raise ValueError(f"CrossAttention needs channels divisible by heads={heads}, "
-                             f"got {channels}")
-        _check_groups(channels, groups, "CrossAttention")
+        _check_heads(channels, heads, groups, "CrossAttention")
         self.heads = heads
         self.context_dim = context_dim
         self.norm = nn.GroupNorm(groups, channels)
