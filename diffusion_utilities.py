@@ -1180,3 +1180,485 @@ def fast_setup(model: nn.Module) -> tuple[nn.Module, Callable[[], ContextManager
     if bf16:
         return model, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return model, contextlib.nullcontext
+
+
+# ── 03 · Training and sampling ───────────────────────────────────────────────────────
+# Checkpoints and their manifest (used by every later lesson), the noise-prediction loss,
+# EMA, one training step, the training loop (a generator), the DDPM reverse step and the
+# sampling loop (a generator), and the attribute classifier that measures sample quality.
+
+import copy  # noqa: E402  (this lesson's imports, kept with its section)
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+# Checkpoints: data/manifest.json maps a name to {file, sha256, size_bytes, command, steps,
+# wall_time_s, device, parameters, config, quality}. A checkpoint is a plain state dict.
+
+MANIFEST_FILE = "manifest.json"
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 hex digest of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class CheckpointManifest:
+    """The shipped checkpoints' records, read from / written to ``data_dir/manifest.json``."""
+
+    path: Path
+    entries: dict
+
+    @classmethod
+    def load(cls, data_dir=None) -> CheckpointManifest:
+        """Read the manifest in ``data_dir`` (default :data:`DATA_DIR`); empty if there is none."""
+        path = Path(DATA_DIR if data_dir is None else data_dir) / MANIFEST_FILE
+        entries = json.loads(path.read_text()) if path.exists() else {}
+        return cls(path=path, entries=entries)
+
+    def entry(self, name: str) -> dict:
+        """The record of checkpoint ``name``; ValueError listing the known names otherwise."""
+        if name not in self.entries:
+            raise ValueError(f"no checkpoint called {name!r} in {self.path}; "
+                             f"known: {sorted(self.entries)}")
+        return self.entries[name]
+
+    def update(self, name: str, **fields) -> None:
+        """Set fields of the record ``name`` (created if new) and write the manifest back."""
+        self.entries.setdefault(name, {}).update(fields)
+        self.path.write_text(json.dumps(self.entries, indent=2, sort_keys=True) + "\n")
+
+
+def load_checkpoint(name: str, *, data_dir=None) -> dict[str, Tensor]:
+    """The state dict of the shipped checkpoint ``name``, checked against the manifest.
+
+    Raises FileNotFoundError if the file is missing and ValueError if its sha256 differs
+    from the manifest's; both messages name the file and the command that rebuilds it.
+    Loaded on the CPU with ``weights_only=True`` (no pickled objects); float16 tensors
+    (stored so to halve the file) come back as float32.
+    """
+    manifest = CheckpointManifest.load(data_dir)
+    entry = manifest.entry(name)
+    path = manifest.path.parent / entry["file"]
+    rebuild = f"rebuild it with `{entry.get('command', '?')}` (from the repository root)"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {name!r}: file {path} is missing; {rebuild}")
+    sha = file_sha256(path)
+    if sha != entry["sha256"]:
+        raise ValueError(f"checkpoint {name!r}: file {path} is corrupt or out of date (sha256 "
+                         f"{sha[:12]}…, manifest says {entry['sha256'][:12]}…); {rebuild}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
+
+
+def save_checkpoint(name: str, state_dict: dict, *, command: str, data_dir=None,
+                    half: bool = False, **record) -> dict:
+    """Write ``state_dict`` to ``data_dir/<name>.pt`` and record it in the manifest.
+
+    ``command`` is the exact command that reproduces the file; ``record`` holds the other
+    manifest fields (steps, wall_time_s, device, parameters, config, quality, ...).
+    ``half=True`` stores floating tensors as float16. Returns the manifest record.
+    """
+    manifest = CheckpointManifest.load(data_dir)
+    path = manifest.path.parent / f"{name}.pt"
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in state_dict.items()}
+    torch.save(state, path)
+    manifest.update(name, file=path.name, sha256=file_sha256(path),
+                    size_bytes=path.stat().st_size, command=command,
+                    dtype="float16" if half else "float32", **record)
+    return manifest.entries[name]
+
+
+# The training objective
+
+
+def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, *,
+                   t: Tensor | None = None, eps: Tensor | None = None, **cond) -> Tensor:
+    """The simple noise-prediction loss  (DDPM, Ho et al. 2020, eq. 14, Algorithm 1):
+
+    L = E_{t, x_0, ε} ‖ε - ε_θ(sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε, t)‖²
+
+    ``x0``: ``(B, C, H, W)``; ``t`` (optional, ``(B,)``) and ``eps`` (optional, like ``x0``)
+    are drawn here when not given; ``cond`` goes to the model (``labels=``, ``context=``).
+    Returns the mean over every pixel of the batch, a scalar tensor with its graph.
+    """
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must be a batch of images (B, C, H, W), got shape {tuple(x0.shape)}")
+    if t is None:
+        # t ~ U{0, ..., T-1}: torch.randint(0, T, ...) draws from [0, T), T itself excluded
+        t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
+    if eps is None:
+        eps = torch.randn_like(x0)                       # ε ~ N(0, I), (B, C, H, W)
+    xt = q_sample(x0, t, eps, schedule)                  # DDPM eq. 4
+    eps_pred = model(xt, t, **cond)                      # ε_θ(x_t, t), (B, C, H, W)
+    return F.mse_loss(eps_pred.float(), eps.float())     # mean over B, C, H, W
+
+
+# Exponential moving average of the weights
+
+
+@torch.no_grad()
+def ema_update_(ema_params, params, decay: float) -> None:
+    """In place, for each pair:  θ_ema ← decay · θ_ema + (1 - decay) · θ.
+
+    ``ema_params`` (the shadow copy, updated) and ``params`` (the trained model's, read
+    only) are matching sequences of tensors. The average forgets with time constant
+    about 1 / (1 - decay) steps.
+    """
+    for ema_p, p in zip(ema_params, params, strict=True):
+        ema_p.mul_(decay).add_(p.detach().to(ema_p.dtype), alpha=1.0 - decay)
+
+
+class EMA:
+    """A shadow copy of a model whose weights are an exponential moving average.
+
+    Sampling from the average instead of the last weights gives clearly better images
+    (DDPM, Ho et al. 2020, appendix B: decay 0.9999). The decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so short runs are not dominated by
+    the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow weights towards ``model``'s (buffers are copied)."""
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        ema_update_(list(self.model.parameters()), list(model.parameters()), decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The averaged weights, a state dict for the model's class."""
+        return self.model.state_dict()
+
+
+# One optimisation step and the training loop
+
+
+def autocast_context(device, *, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled`` (else a no-op context)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _bf16_is_fast(device) -> bool:
+    """Whether bfloat16 autocast speeds ``device`` up (as :func:`fast_setup` decides)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor,
+               schedule: NoiseSchedule, *, max_grad_norm: float | None = 1.0, scheduler=None,
+               ema: EMA | None = None, autocast: bool = False, **cond) -> float:
+    """One step of DDPM training (Ho et al. 2020, Algorithm 1), returning the loss as a float.
+
+    1. clear the old gradients; 2. the loss of :func:`diffusion_loss`; 3. backpropagate;
+    4. clip the gradient norm to ``max_grad_norm``; 5. the optimizer step;
+    6. the learning-rate ``scheduler`` step and the ``ema`` update, when given.
+    ``autocast=True`` runs the forward pass in bfloat16 (fast on recent CPUs and GPUs).
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)                            # 1.
+    with autocast_context(x0.device, enabled=autocast):
+        loss = diffusion_loss(model, x0, schedule, **cond)           # 2.
+    loss.backward()                                                  # 3.
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)  # 4.
+    optimizer.step()                                                 # 5.
+    if scheduler is not None:                                        # 6.
+        scheduler.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.item()
+
+
+def warmup_lr_factor(step: int, *, warmup_steps: int, total_steps: int | None = None,
+                     shape: str = "constant") -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_steps``, then constant
+    (``shape="constant"``) or a cosine decay to 0 at ``total_steps`` (``shape="cosine"``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if shape == "constant":
+        return 1.0
+    if shape != "cosine" or total_steps is None:
+        raise ValueError(f"shape must be 'constant', or 'cosine' with total_steps, got {shape!r}")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int,
+                      total_steps: int | None = None, shape: str = "constant"):
+    """A ``LambdaLR`` following :func:`warmup_lr_factor`; call ``.step()`` after each step."""
+    factor = functools.partial(warmup_lr_factor, warmup_steps=max(1, warmup_steps),
+                               total_steps=total_steps, shape=shape)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainState:
+    """What :func:`train` yields after each step."""
+
+    step: int     # steps done so far (1 after the first)
+    loss: float   # this step's loss
+    lr: float     # the learning rate this step used
+
+
+def _forever(batches):
+    """Cycle through an iterable of batches (a DataLoader) without end."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the data yielded no batches")
+
+
+def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
+          lr: float = 2e-4, warmup_steps: int = 100, lr_shape: str = "constant",
+          max_grad_norm: float | None = 1.0, ema: EMA | None = None, optimizer=None,
+          cond_fn=None, autocast: bool | None = None, device=None, progress: bool = True):
+    """Train ``model`` to predict the noise, yielding a :class:`TrainState` after every step.
+
+    A generator, so a notebook can plot the loss as it falls::
+
+        for state in du.train(model, loader, schedule, steps=500):
+            losses.append(state.loss)
+
+    ``batches``: an iterable of image tensors or of tuples whose first item is the images
+    (``(B, C, H, W)`` in [-1, 1]; re-iterated as long as needed). ``cond_fn(batch)``, if
+    given, returns the model's conditioning keywords, e.g. ``{"labels": batch[1]}``.
+    AdamW with ``lr`` unless an ``optimizer`` is given; linear warm-up of the learning rate.
+    ``autocast``: bfloat16 for the forward pass (default: where :func:`fast_setup` would).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = _bf16_is_fast(device) if autocast is None else autocast
+    schedule = schedule.to(device)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = make_lr_scheduler(optimizer, warmup_steps=warmup_steps, total_steps=steps,
+                                  shape=lr_shape)
+    data = _forever(batches)
+    bar = tqdm(range(1, steps + 1), desc="training", disable=not progress)
+    for step in bar:
+        batch = next(data)
+        x0 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+        cond = {k: v.to(device) if isinstance(v, Tensor) else v
+                for k, v in (cond_fn(batch) if cond_fn else {}).items()}
+        lr_now = optimizer.param_groups[0]["lr"]
+        loss = train_step(model, optimizer, x0, schedule, max_grad_norm=max_grad_norm,
+                          scheduler=scheduler, ema=ema, autocast=autocast, **cond)
+        if step % 10 == 0 or step == steps:
+            bar.set_postfix(loss=f"{loss:.4f}")
+        yield TrainState(step=step, loss=loss, lr=lr_now)
+
+
+# Sampling: the DDPM reverse (ancestral) step and the loop that calls it
+
+VARIANCES = ("posterior", "beta")
+
+
+def ddpm_step(model_eps: Tensor, xt: Tensor, t: Tensor, schedule: NoiseSchedule, *,
+              variance: str = "posterior", noise: Tensor | None = None) -> Tensor:
+    """One reverse step x_t -> x_{t-1}  (DDPM, Ho et al. 2020, Algorithm 2 and eq. 11):
+
+    x_{t-1} = 1/sqrt(α_t) · (x_t - β_t / sqrt(1 - ᾱ_t) · ε_θ(x_t, t)) + σ_t z,   z ~ N(0, I)
+
+    σ_t² = β̃_t (``variance="posterior"``) or β_t (``"beta"``); both are discussed in DDPM
+    section 3.2. No noise is added at t = 0 (the last step returns the mean). A pure
+    function of tensors: ``model_eps`` is the model's ε prediction ``(B, C, H, W)`` for
+    ``xt`` ``(B, C, H, W)`` at timesteps ``t`` ``(B,)``; ``noise`` is z (drawn if None).
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    if model_eps.shape != xt.shape:
+        raise ValueError(f"model_eps must have the shape of xt, {tuple(xt.shape)}, "
+                         f"got {tuple(model_eps.shape)}")
+    # 1. the per-timestep values, broadcast to (B, 1, 1, 1)
+    beta_t = extract(schedule.betas, t, xt.shape).to(xt)
+    alpha_t = extract(schedule.alphas, t, xt.shape).to(xt)
+    alpha_bar_t = extract(schedule.alpha_bars, t, xt.shape).to(xt)
+    # 2. the mean of p_θ(x_{t-1} | x_t), DDPM eq. 11
+    mean = (xt - beta_t / (1.0 - alpha_bar_t).sqrt() * model_eps) / alpha_t.sqrt()
+    # 3. the standard deviation σ_t, zero at t = 0
+    var_values = schedule.posterior_variance if variance == "posterior" else schedule.betas
+    sigma_t = extract(var_values, t, xt.shape).to(xt).sqrt()
+    sigma_t = sigma_t * (t > 0).to(xt).reshape(sigma_t.shape)
+    if noise is None:
+        noise = torch.randn_like(xt)
+    return mean + sigma_t * noise
+
+
+def _eps_with_clipped_x0(model_eps: Tensor, xt: Tensor, t: Tensor,
+                         schedule: NoiseSchedule) -> Tensor:
+    """ε consistent with x̂_0 = (x_t - sqrt(1-ᾱ_t) ε) / sqrt(ᾱ_t) clipped to [-1, 1].
+
+    Near t = T-1, 1/sqrt(α_t) is large and amplifies any error in ε; clipping the implied
+    x̂_0 to the pixel range keeps the reverse step stable (improved-diffusion's
+    ``clip_denoised``). Where x̂_0 is already in range this returns ``model_eps`` unchanged.
+    """
+    alpha_bar_t = extract(schedule.alpha_bars, t, xt.shape).to(xt)
+    x0_hat = (xt - (1 - alpha_bar_t).sqrt() * model_eps) / alpha_bar_t.sqrt()
+    return (xt - alpha_bar_t.sqrt() * x0_hat.clamp(-1, 1)) / (1 - alpha_bar_t).sqrt()
+
+
+def respace_schedule(schedule: NoiseSchedule, num_steps: int) -> tuple[NoiseSchedule, Tensor]:
+    """A shorter schedule that visits ``num_steps`` of the T timesteps, evenly spaced.
+
+    Keeps ᾱ at the chosen timesteps τ_1 < ... < τ_S and sets β_i = 1 - ᾱ_{τ_i} / ᾱ_{τ_{i-1}},
+    so DDPM's reverse step still applies, with bigger steps (Improved DDPM, Nichol &
+    Dhariwal 2021, section 4). Returns the new schedule and the original timesteps τ ``(S,)``
+    (the model must be called with τ_i, not i).
+    """
+    if not 1 <= num_steps <= schedule.T:
+        raise ValueError(f"num_steps must lie in [1, T] = [1, {schedule.T}], got {num_steps}")
+    taus = torch.linspace(0, schedule.T - 1, num_steps, dtype=torch.float64).round().long()
+    alpha_bars = schedule.alpha_bars.detach().cpu().double()[taus]          # (S,)
+    prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])
+    betas = (1.0 - alpha_bars / prev).clamp(min=1e-12, max=1.0)  # (S,)
+    return NoiseSchedule.from_betas(betas), taus
+
+
+@torch.no_grad()
+def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
+                num_steps: int | None = None, generator: torch.Generator | None = None,
+                device=None, variance: str = "posterior", add_noise: bool = True,
+                autocast: bool | None = None, clip_x0: bool = True, progress: bool = True,
+                **cond):
+    """Ancestral sampling (DDPM, Ho et al. 2020, Algorithm 2), yielding x_t after every step.
+
+    Starts from pure noise x_{T-1} ~ N(0, I) of ``shape`` ``(B, C, H, W)`` and applies
+    :func:`ddpm_step` T times (or ``num_steps`` times on a :func:`respace_schedule`); the
+    last tensor yielded is x_0. ``add_noise=False`` drops σ_t z from every step — to see
+    what goes wrong without it. ``generator`` makes the run reproducible; ``cond`` goes to
+    the model. The model runs in eval mode without gradients (restored afterwards), in
+    bfloat16 autocast if ``autocast`` (default: where :func:`fast_setup` would use it).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = _bf16_is_fast(device) if autocast is None else autocast
+    if num_steps is None or num_steps == schedule.T:
+        steps_schedule, taus = schedule, torch.arange(schedule.T)
+    else:
+        steps_schedule, taus = respace_schedule(schedule, num_steps)
+    steps_schedule = steps_schedule.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(tuple(shape), generator=generator, device=device)   # x_T
+        for i in tqdm(range(len(taus) - 1, -1, -1), desc="sampling", disable=not progress):
+            i_batch = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            tau_batch = torch.full_like(i_batch, int(taus[i]))
+            with autocast_context(device, enabled=autocast):
+                model_eps = model(x, tau_batch, **cond).float()              # ε_θ(x_t, t)
+            if clip_x0:
+                model_eps = _eps_with_clipped_x0(model_eps, x, i_batch, steps_schedule)
+            z = torch.randn(x.shape, generator=generator, device=device)
+            x = ddpm_step(model_eps, x, i_batch, steps_schedule, variance=variance,
+                          noise=z if add_noise else torch.zeros_like(x))
+            yield x
+    finally:
+        model.train(was_training)
+
+
+def sample_images(model: nn.Module, n: int, schedule: NoiseSchedule, *,
+                  image_shape=(3, 32, 32), num_steps: int | None = None,
+                  batch_size: int | None = None, generator: torch.Generator | None = None,
+                  device=None, variance: str = "posterior", autocast: bool | None = None,
+                  progress: bool = True, **cond) -> Tensor:
+    """``n`` images x_0 from :func:`ddpm_sample`, clamped to [-1, 1], ``(n, C, H, W)``.
+
+    Runs in batches of ``batch_size`` (all at once by default); tensors in ``cond`` are
+    split along their first dimension to match.
+    """
+    batch_size = batch_size or n
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        part = {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in cond.items()}
+        for x in ddpm_sample(model, (stop - start, *image_shape), schedule,
+                             num_steps=num_steps, generator=generator, device=device,
+                             variance=variance, autocast=autocast, progress=progress,
+                             **part):
+            pass
+        out.append(x.clamp(-1.0, 1.0))
+    return torch.cat(out)
+
+
+# Measuring quality: a classifier that reads the attributes back from an image
+
+
+def attribute_num_classes() -> dict[str, int]:
+    """How many values each attribute of the shapes data set takes."""
+    return {name: len(values) for name, values in zip(ATTRIBUTES, ATTRIBUTE_VALUES)}
+
+
+class AttributeClassifier(nn.Module):
+    """A small CNN with one linear head per attribute of the shapes data set.
+
+    ``forward(x)``: ``x`` ``(B, 3, 32, 32)`` in [-1, 1] -> ``{attribute: logits (B, K)}``,
+    K the number of values of that attribute. Trained by ``python -m tools.train
+    classifier``; shipped as the checkpoint ``"classifier"``.
+    """
+
+    def __init__(self, num_classes: dict[str, int] | None = None, *, width: int = 32):
+        super().__init__()
+        self.num_classes = dict(num_classes or attribute_num_classes())
+        w = width
+
+        def block(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+                    nn.GroupNorm(8, c_out), nn.SiLU()]
+
+        self.features = nn.Sequential(                         # (B, 3, 32, 32)
+            *block(3, w, 1), *block(w, w, 1),                  # -> (B, w, 32, 32)
+            *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1),      # -> (B, 2w, 16, 16)
+            *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1),  # -> (B, 4w, 8, 8)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),             # -> (B, 4w)
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(4 * w, k)
+                                    for name, k in self.num_classes.items()})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.features(x)                                   # (B, 4w)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def load_classifier(*, data_dir=None, device=None) -> AttributeClassifier:
+    """The shipped attribute classifier (checkpoint ``"classifier"``), in eval mode."""
+    config = CheckpointManifest.load(data_dir).entry("classifier")["config"]
+    model = AttributeClassifier(config["num_classes"], width=config["width"])
+    model.load_state_dict(load_checkpoint("classifier", data_dir=data_dir))
+    return model.to(device or "cpu").eval()
+
+
+@torch.no_grad()
+def recognised_fraction(images: Tensor, classifier: AttributeClassifier, *,
+                        threshold: float = 0.9, batch_size: int = 256) -> float:
+    """The fraction of ``images`` ``(N, 3, 32, 32)`` in [-1, 1] whose shape the classifier
+    names with probability >= ``threshold`` — a simple measure of sample quality."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    confident = 0
+    for start in range(0, len(images), batch_size):
+        logits = classifier(images[start:start + batch_size].to(device).float())["shape"]
+        confident += int((logits.softmax(-1).amax(-1) >= threshold).sum())
+    return confident / len(images)
