@@ -77,6 +77,12 @@ def make_runner(model, autocast, *, batch: int, image_size: int, diffusers: bool
     return train_step, sample_step
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (x86 AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def describe(model, autocast) -> str:
     """The fast path ``fast_setup`` chose, in words."""
     weight = next(p for p in model.parameters() if p.dim() == 4)
@@ -131,7 +137,7 @@ def main() -> None:
         rows[f"diffusers UNet2DModel, fast path ({chosen})"] = (fast_twin, twin_fast, True)
 
     print(f"torch {torch.__version__}, {platform.machine()} CPU, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {du._cpu_has_native_bf16()}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"batch {args.batch} of {config.in_channels}x{config.image_size}x{config.image_size}, "
           f"config {config}\n")

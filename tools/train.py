@@ -30,6 +30,12 @@ def device_description(device: torch.device) -> str:
     return f"{device.type}, {torch.get_num_threads()} threads, {platform.machine()}"
 
 
+def _channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s conv weights are in channels_last layout (as du.fast_setup sets)."""
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    return weight.is_contiguous(memory_format=torch.channels_last) and weight.stride(1) == 1
+
+
 def the_command(argv: list[str]) -> str:
     """The command line that reproduces this run."""
     return "python -m tools.train " + " ".join(shlex.quote(a) for a in argv)
@@ -155,7 +161,7 @@ def train_classifier(args, argv) -> None:
 
 def ddpm_config() -> du.UNetConfig:
     """The UNet lesson 03 trains: about 2.8 M parameters, 32-64-128 channels at 32-16-8
-    pixels, self-attention at 8x8 (cheap enough for a CPU run with bfloat16)."""
+    pixels, self-attention at 8x8 (cheap enough for a CPU run)."""
     return du.UNetConfig(base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=2,
                          attention_resolutions=(8,))
 
@@ -188,7 +194,7 @@ def train_ddpm(args, argv) -> None:
         earlier_steps, earlier_wall = before["steps"], before["wall_time_s"]
         command = before["command"] + " && "
     if not args.no_fast_path:
-        model, _ = du.fast_setup(model)  # bfloat16 autocast where the hardware has it
+        model, _ = du.fast_setup(model)  # channels_last on a CPU, bfloat16 on a GPU
     use_bf16 = not args.no_fast_path and du._bf16_is_fast(device)
     schedule = du.NoiseSchedule.create(args.schedule, args.T)
     ema = du.EMA(model, decay=args.ema_decay)
@@ -225,7 +231,8 @@ def train_ddpm(args, argv) -> None:
         command=(command or "") + reproducing_command(argv, steps_done),
         half=args.half, steps=earlier_steps + steps_done,
         wall_time_s=round(earlier_wall + wall, 1),
-        device=device_description(device) + (", bfloat16 autocast" if use_bf16 else ""),
+        device=device_description(device) + (", bfloat16 autocast" if use_bf16 else ", float32")
+        + (", channels_last" if _channels_last(model) else ""),
         parameters=du.count_parameters(model), config=dataclasses.asdict(config),
         schedule={"name": args.schedule, "T": args.T},
         training={"batch_size": args.batch_size, "lr": args.lr, "lr_shape": args.lr_shape,
