@@ -500,17 +500,20 @@ def _three_channels(x: Tensor) -> Tensor:
     return x.repeat(3, 1, 1) if x.shape[0] == 1 else x
 
 
-def real_dataset(name: str, root: str | Path, *, train: bool = True, download: bool = False, image_size: int = 32) -> Dataset:
-    """MNIST, FashionMNIST or CIFAR10 through torchvision: items ``(image, class_index)`` with
-    image float32 (3, image_size, image_size) in [-1, 1]. Optional (needs a network once,
-    with ``download=True``); no lesson requires it."""
+def real_dataset(name: str, root: str | Path, *, train: bool = True, image_size: int = 32) -> Dataset:
+    """MNIST, FashionMNIST or CIFAR10 through torchvision, read from files already under
+    ``root``: items ``(image, class_index)`` with image float32 (3, image_size, image_size)
+    in [-1, 1]. Optional, and never downloads: fetch the files once yourself on a machine
+    with a network (torchvision's own download option writes them in this layout); no
+    lesson requires it."""
     key = str(name).lower().replace("-", "").replace("_", "")
     matches = [d for d in REAL_DATASETS if d.lower() == key]
     if not matches:
         raise ValueError(f"name must be one of {REAL_DATASETS}, got {name!r}")
     image_size, root = _check_image_size(image_size), Path(root)
-    hint = f"pass download=True to fetch {matches[0]} (needs a network), or a root that already holds it"
-    if not download and not root.exists():
+    hint = (f"put torchvision's {matches[0]} files there first (its download option fetches "
+            "them once, on a machine with a network); the course never downloads")
+    if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist; {hint}")
     from torchvision import datasets, transforms
 
@@ -519,7 +522,7 @@ def real_dataset(name: str, root: str | Path, *, train: bool = True, download: b
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # -> [-1, 1]
     ])
     try:
-        return getattr(datasets, matches[0])(str(root), train=train, download=download, transform=transform)
+        return getattr(datasets, matches[0])(str(root), train=train, download=False, transform=transform)
     except RuntimeError as err:
         raise FileNotFoundError(f"{matches[0]} not found under {root}; {hint}") from err
 

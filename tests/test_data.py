@@ -380,14 +380,14 @@ def test_real_dataset_rejects_unknown_names():
         du.real_dataset("imagenet", "/nonexistent")
 
 
-def test_real_dataset_without_download_names_the_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist; pass download=True"):
+def test_real_dataset_without_files_names_the_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; put torchvision's MNIST files"):
         du.real_dataset("mnist", tmp_path / "nothing-here")
-    with pytest.raises(FileNotFoundError, match=r"MNIST not found under .*; pass download=True"):
+    with pytest.raises(FileNotFoundError, match=r"MNIST not found under .*; put torchvision's MNIST files"):
         du.real_dataset("MNIST", tmp_path)  # the folder exists but holds no data
 
 
-def test_real_dataset_passes_download_through_and_maps_to_three_channels(tmp_path, monkeypatch):
+def test_real_dataset_never_downloads_and_maps_to_three_channels(tmp_path, monkeypatch):
     import torchvision
 
     calls = {}
@@ -398,7 +398,7 @@ def test_real_dataset_passes_download_through_and_maps_to_three_channels(tmp_pat
             self.transform = transform
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
-    dataset = du.real_dataset("fashion-mnist", tmp_path, train=False, download=False, image_size=16)
+    dataset = du.real_dataset("fashion-mnist", tmp_path, train=False, image_size=16)
     assert calls == dict(root=str(tmp_path), train=False, download=False)
     grey = Image.fromarray(np.linspace(0, 255, 28 * 28).reshape(28, 28).astype(np.uint8))
     image = dataset.transform(grey)
