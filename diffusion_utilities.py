@@ -399,7 +399,7 @@ class ShapesDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, str]:
-        image = self.data.images[i].float() / 127.5 - 1.0  # uint8 [0, 255] -> [-1, 1]
+        image = from_uint8(self.data.images[i])
         return image, self.data.labels[i], self.data.captions[i]
 
 
@@ -412,6 +412,13 @@ def shapes_dataloader(
     dataset = ShapesDataset(n, seed=seed, split=split, image_size=image_size)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator)
+
+
+def from_uint8(pixels: Tensor) -> Tensor:
+    """Map uint8 pixels in [0, 255] to float32 in [-1, 1], the range every model here uses."""
+    if not isinstance(pixels, Tensor) or pixels.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 tensor, got {getattr(pixels, 'dtype', type(pixels))}")
+    return pixels.float() / 127.5 - 1.0
 
 
 def to_unit_range(x: Tensor) -> Tensor:
@@ -489,7 +496,7 @@ def load_photo(size: int = 64, *, path: str | Path | None = None) -> Tensor:
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
-    return pixels.float() / 127.5 - 1.0
+    return from_uint8(pixels)
 
 
 REAL_DATASETS = ("MNIST", "FashionMNIST", "CIFAR10")
@@ -1157,6 +1164,13 @@ def _x86_cpu() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def _bf16_is_fast(device) -> bool:
+    """Whether bfloat16 autocast speeds ``device`` up (on a CUDA GPU that supports it;
+    never on a CPU, where it measured slower than float32: see :func:`fast_setup`)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def fast_setup(model: nn.Module) -> tuple[nn.Module, Callable[[], ContextManager]]:
     """Make ``model`` fast where that is safe: returns ``(model, autocast)``.
 
@@ -1174,8 +1188,8 @@ def fast_setup(model: nn.Module) -> tuple[nn.Module, Callable[[], ContextManager
     None of these changes what the model computes beyond float rounding.
     """
     device = next(model.parameters()).device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return model, functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    if _bf16_is_fast(device):
+        return model, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     if device.type == "cpu" and _x86_cpu():
         return model.to(memory_format=torch.channels_last), contextlib.nullcontext
     return model, contextlib.nullcontext
@@ -1354,13 +1368,6 @@ def autocast_context(device, *, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled`` (else a no-op context)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _bf16_is_fast(device) -> bool:
-    """Whether bfloat16 autocast speeds ``device`` up (as :func:`fast_setup` decides: on a
-    CUDA GPU that supports it, never on a CPU)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor,

@@ -36,7 +36,7 @@ def main() -> None:
 
     n = args.num_samples
     real = du.make_shapes(n, seed=30_000 + args.seed)
-    real_images = real.images.float() / 127.5 - 1.0
+    real_images = du.from_uint8(real.images)
     rows.append(("real shapes images", n, du.recognised_fraction(real_images, classifier), 0.0))
     noise = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     rows.append(("pure noise (clamped)", n, du.recognised_fraction(noise.clamp(-1, 1), classifier),

@@ -404,3 +404,11 @@ def test_real_dataset_never_downloads_and_maps_to_three_channels(tmp_path, monke
     image = dataset.transform(grey)
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert image.min() >= -1.0 and image.max() <= 1.0 and image.min() < -0.8 and image.max() > 0.8
+
+
+def test_from_uint8_maps_pixels_to_the_model_range():
+    pixels = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    expected = torch.tensor([-1.0, 128 / 127.5 - 1, 1.0])
+    assert torch.allclose(du.from_uint8(pixels), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="expected a uint8 tensor, got torch.float32"):
+        du.from_uint8(pixels.float())

@@ -41,13 +41,23 @@ def the_command(argv: list[str]) -> str:
     return "python -m tools.train " + " ".join(shlex.quote(a) for a in argv)
 
 
+def start_from(model: torch.nn.Module, name: str | None) -> tuple[str, int, float]:
+    """Load the shipped checkpoint ``name`` into ``model`` (nothing if None) and return what
+    the new run's record builds on: (command prefix ending in " && ", steps, wall seconds)."""
+    if not name:
+        return "", 0, 0.0
+    before = du.CheckpointManifest.load().entry(name)
+    model.load_state_dict(du.load_checkpoint(name))
+    return before["command"] + " && ", before["steps"], before["wall_time_s"]
+
+
 # ── the attribute classifier ──────────────────────────────────────────────────────────
 
 
 def shapes_tensors(n: int, *, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` shapes images as float in [-1, 1] and their labels ``(n, 5)``."""
     data = du.make_shapes(n, seed=seed, split=split)
-    return data.images.float() / 127.5 - 1.0, data.labels
+    return du.from_uint8(data.images), data.labels
 
 
 @torch.no_grad()
@@ -102,12 +112,8 @@ def train_classifier(args, argv) -> None:
     x_b, y_b = shapes_tensors(n_held, seed=args.seed, split="held_out")
     images, labels = torch.cat([x_a, x_b]), torch.cat([y_a, y_b])
     model = du.AttributeClassifier(width=args.width)
-    command, earlier_steps, earlier_wall = the_command(argv), 0, 0.0
-    if args.init_from:
-        before = du.CheckpointManifest.load().entry(args.init_from)
-        model.load_state_dict(du.load_checkpoint(args.init_from))
-        command = before["command"] + " && " + command
-        earlier_steps, earlier_wall = before["steps"], before["wall_time_s"]
+    earlier_command, earlier_steps, earlier_wall = start_from(model, args.init_from)
+    command = earlier_command + the_command(argv)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * len(images) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
@@ -187,12 +193,8 @@ def train_ddpm(args, argv) -> None:
     device = du.get_device()
     config = ddpm_config()
     model = du.UNet(config).to(device)
-    command, earlier_steps, earlier_wall = None, 0, 0.0
-    if args.init_from:  # fine-tune the shipped weights (its EMA) and chain the commands
-        before = du.CheckpointManifest.load().entry(args.init_from)
-        model.load_state_dict(du.load_checkpoint(args.init_from))
-        earlier_steps, earlier_wall = before["steps"], before["wall_time_s"]
-        command = before["command"] + " && "
+    # --init-from: fine-tune the shipped weights (its EMA) and chain the commands
+    earlier_command, earlier_steps, earlier_wall = start_from(model, args.init_from)
     if not args.no_fast_path:
         model, _ = du.fast_setup(model)  # channels_last on a CPU, bfloat16 on a GPU
     use_bf16 = not args.no_fast_path and du._bf16_is_fast(device)
@@ -228,7 +230,7 @@ def train_ddpm(args, argv) -> None:
           f"(sampling took {time.time() - start_eval:.0f}s)", flush=True)
     entry = du.save_checkpoint(
         "ddpm_shapes", ema.state_dict(),
-        command=(command or "") + reproducing_command(argv, steps_done),
+        command=earlier_command + reproducing_command(argv, steps_done),
         half=args.half, steps=earlier_steps + steps_done,
         wall_time_s=round(earlier_wall + wall, 1),
         device=device_description(device) + (", bfloat16 autocast" if use_bf16 else ", float32")
