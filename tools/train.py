@@ -27,7 +27,8 @@ def device_description(device: torch.device) -> str:
     """Where the run happened, in words (e.g. "cpu, 2 threads, x86_64")."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type}, {torch.get_num_threads()} threads, {platform.machine()}"
+    threads = torch.get_num_threads()
+    return f"{device.type}, {threads} thread{'s' if threads > 1 else ''}, {platform.machine()}"
 
 
 def _channels_last(model: torch.nn.Module) -> bool:
@@ -41,14 +42,30 @@ def the_command(argv: list[str]) -> str:
     return "python -m tools.train " + " ".join(shlex.quote(a) for a in argv)
 
 
-def start_from(model: torch.nn.Module, name: str | None) -> tuple[str, int, float]:
-    """Load the shipped checkpoint ``name`` into ``model`` (nothing if None) and return what
-    the new run's record builds on: (command prefix ending in " && ", steps, wall seconds)."""
+@dataclasses.dataclass
+class Earlier:
+    """What a fine-tuning run builds on: the shipped checkpoint's record (empty if none)."""
+    command: str = ""
+    steps: int = 0
+    wall_time_s: float = 0.0
+    device: str = ""
+
+    def chain_command(self, command: str) -> str:
+        return f"{self.command} && {command}" if self.command else command
+
+    def chain_device(self, device: str, steps: int) -> str:
+        """Where every stage ran: "<earlier stages>; then <steps> steps on <device>"."""
+        return f"{self.device}; then {steps} steps on {device}" if self.device else device
+
+
+def start_from(model: torch.nn.Module, name: str | None, data_dir=None) -> Earlier:
+    """Load the checkpoint ``name`` from ``data_dir`` (default data/) into ``model``
+    (nothing if None) and return its record, which the new run's record extends."""
     if not name:
-        return "", 0, 0.0
-    before = du.CheckpointManifest.load().entry(name)
-    model.load_state_dict(du.load_checkpoint(name))
-    return before["command"] + " && ", before["steps"], before["wall_time_s"]
+        return Earlier()
+    before = du.CheckpointManifest.load(data_dir).entry(name)
+    model.load_state_dict(du.load_checkpoint(name, data_dir=data_dir))
+    return Earlier(before["command"], before["steps"], before["wall_time_s"], before["device"])
 
 
 # ── the attribute classifier ──────────────────────────────────────────────────────────
@@ -112,8 +129,7 @@ def train_classifier(args, argv) -> None:
     x_b, y_b = shapes_tensors(n_held, seed=args.seed, split="held_out")
     images, labels = torch.cat([x_a, x_b]), torch.cat([y_a, y_b])
     model = du.AttributeClassifier(width=args.width)
-    earlier_command, earlier_steps, earlier_wall = start_from(model, args.init_from)
-    command = earlier_command + the_command(argv)
+    earlier = start_from(model, args.init_from, args.data_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * len(images) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
@@ -145,9 +161,10 @@ def train_classifier(args, argv) -> None:
     print(f"recognised fraction: real {real:.3f}, pure noise {noise_floor:.3f}, "
           f"blurred blobs {blobs:.3f}")
     entry = du.save_checkpoint(
-        "classifier", model.state_dict(), command=command,
-        steps=earlier_steps + steps, wall_time_s=round(earlier_wall + wall, 1),
-        device=device_description(torch.device("cpu")),
+        "classifier", model.state_dict(), data_dir=args.data_dir,
+        command=earlier.chain_command(the_command(argv)),
+        steps=earlier.steps + steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(device_description(torch.device("cpu")), steps),
         parameters=sum(p.numel() for p in model.parameters()),
         config={"num_classes": model.num_classes, "width": args.width},
         quality={"measures": "accuracy of each attribute head on fresh held-out images "
@@ -159,7 +176,7 @@ def train_classifier(args, argv) -> None:
                  "recognised_fraction_real": real, "recognised_fraction_noise": noise_floor,
                  "recognised_fraction_blobs": blobs, "threshold": 0.9},
     )
-    print(f"wrote data/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
 # ── the DDPM model of lesson 03 ───────────────────────────────────────────────────────
@@ -194,7 +211,7 @@ def train_ddpm(args, argv) -> None:
     config = ddpm_config()
     model = du.UNet(config).to(device)
     # --init-from: fine-tune the shipped weights (its EMA) and chain the commands
-    earlier_command, earlier_steps, earlier_wall = start_from(model, args.init_from)
+    earlier = start_from(model, args.init_from, args.data_dir)
     if not args.no_fast_path:
         model, _ = du.fast_setup(model)  # channels_last on a CPU, bfloat16 on a GPU
     use_bf16 = not args.no_fast_path and du._bf16_is_fast(device)
@@ -229,12 +246,13 @@ def train_ddpm(args, argv) -> None:
     print(f"recognised fraction of {args.eval_samples} samples: {fraction:.3f} "
           f"(sampling took {time.time() - start_eval:.0f}s)", flush=True)
     entry = du.save_checkpoint(
-        "ddpm_shapes", ema.state_dict(),
-        command=earlier_command + reproducing_command(argv, steps_done),
-        half=args.half, steps=earlier_steps + steps_done,
-        wall_time_s=round(earlier_wall + wall, 1),
-        device=device_description(device) + (", bfloat16 autocast" if use_bf16 else ", float32")
-        + (", channels_last" if _channels_last(model) else ""),
+        "ddpm_shapes", ema.state_dict(), data_dir=args.data_dir,
+        command=earlier.chain_command(reproducing_command(argv, steps_done)),
+        half=args.half, steps=earlier.steps + steps_done,
+        wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(
+            device_description(device) + (", bfloat16 autocast" if use_bf16 else ", float32")
+            + (", channels_last" if _channels_last(model) else ""), steps_done),
         parameters=du.count_parameters(model), config=dataclasses.asdict(config),
         schedule={"name": args.schedule, "T": args.T},
         training={"batch_size": args.batch_size, "lr": args.lr, "lr_shape": args.lr_shape,
@@ -249,7 +267,7 @@ def train_ddpm(args, argv) -> None:
                             f"{args.T} timesteps (du.respace_schedule), seed 0"
                             + (", bfloat16 autocast" if use_bf16 else "")},
     )
-    print(f"wrote data/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="start from this shipped checkpoint (e.g. ddpm_shapes) and fine-tune")
     for p in (c, d):
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data-dir", default=None,
+                       help="folder for the checkpoint and its manifest record, also where "
+                            "--init-from reads (default: data/; the quality measure always "
+                            "uses the shipped classifier)")
         p.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
