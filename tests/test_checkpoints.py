@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffusion_utilities as du
+from tools.train import shapes_tensors
 
 MANIFEST = du.CheckpointManifest.load()
 
@@ -97,15 +98,10 @@ def test_shipped_checkpoint_matches_its_manifest(name, tmp_path):
         du.load_checkpoint(name, data_dir=tmp_path)
 
 
-def fresh_shapes(n, *, seed, split="train"):
-    data = du.make_shapes(n, seed=seed, split=split)
-    return du.from_uint8(data.images), data.labels
-
-
 def test_classifier_still_reads_the_attributes():
     entry = shipped("classifier")
     classifier = du.load_classifier()
-    images, labels = fresh_shapes(500, seed=20_000)
+    images, labels = shapes_tensors(500, seed=20_000, split="train")
     with torch.no_grad():
         logits = classifier(images)
     for i, name in enumerate(du.ATTRIBUTES):

@@ -1,7 +1,5 @@
 """tools.train, the command that builds the shipped checkpoints: a few steps of each model
 into a temporary folder, and a fine-tune chained onto it (command, steps, wall time, device)."""
-import json
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from tools import train
 
 
 def record(data_dir, name):
-    return json.loads((data_dir / du.MANIFEST_FILE).read_text())[name]
+    return du.CheckpointManifest.load(data_dir).entry(name)
 
 
 def test_ddpm_run_and_a_chained_fine_tune(tmp_path, capsys):
@@ -65,7 +63,8 @@ def test_chained_records_read_as_one_history():
         == "python -m tools.train ddpm --steps 7 --half"
 
 
-def test_default_thread_count_description():
-    text = train.device_description(torch.device("cpu"))
-    n = torch.get_num_threads()
-    assert text.startswith(f"cpu, {n} thread" + ("s" if n > 1 else "") + ",")
+def test_device_description_counts_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert train.device_description(torch.device("cpu")).startswith("cpu, 1 thread, ")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert train.device_description(torch.device("cpu")).startswith("cpu, 4 threads, ")
