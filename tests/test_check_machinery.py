@@ -32,7 +32,7 @@ def test_stub_is_not_attempted(capsys):
     (lambda x: (2 * x).tolist(), "should be a torch.Tensor"),
     (lambda x: (2 * x)[None], "should have shape (4,), got (1, 4)"),
     (lambda x: (2 * x).double(), "should have dtype torch.float32"),
-    (lambda x: x / 0, "NaN or inf"),
+    (lambda x: x / 0, "contains NaN values"),
     (lambda x: 3 * x, "you added x to itself once too often"),
     (lambda x: 2 * x + 1, "largest difference 1"),
 ])
@@ -49,5 +49,5 @@ def test_learner_errors_other_than_the_stub_propagate():
 
 
 def test_passing_something_not_callable_is_a_type_error():
-    with pytest.raises(TypeError, match="expects your function `double` itself"):
+    with pytest.raises(TypeError, match=r"expects your function or class itself \(double\)"):
         check_double(torch.ones(3))

@@ -248,7 +248,7 @@ def test_q_sample_t_plus_one_at_the_last_step_is_named():
     """Alone on a case with t = T-1, alpha_bars[t + 1] crashes: the crash gets the hint."""
     fn = q_sample_with(lambda s, t: s.alpha_bars[t + 1])
     with pytest.raises(AssertionError, match="off by one"):
-        dc._call_01(fn, torch.zeros(2, 1, 2, 2), torch.tensor([0, 9]), torch.zeros(2, 1, 2, 2),
+        dc.lesson01._call_01(fn, torch.zeros(2, 1, 2, 2), torch.tensor([0, 9]), torch.zeros(2, 1, 2, 2),
                     du.NoiseSchedule.create("cosine", 10))
 
 

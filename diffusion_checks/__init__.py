@@ -1,0 +1,19 @@
+"""Exercise checks: each lesson's exercises are followed by a call such as
+``check_q_sample(q_sample)``.
+
+The machinery shared by every check is in ``_core`` (its docstring says what a check
+does); each lesson's checks are in a module of their own, ``lesson01``, ``lesson02``, ...
+Everything a notebook needs is importable from here: ``from diffusion_checks import
+check_q_sample``.
+"""
+from diffusion_checks._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK,  # noqa: F401
+                                    PASSED_MARK, call, call_pure, changed, close, compare, exercise_check, expect_finite,
+                                    expect_float, expect_tensor, fail, largest_difference, near,
+                                    other_device, probe_device, snapshot, to_device)
+from diffusion_checks.lesson01 import (check_alpha_bars, check_cosine_beta_schedule,  # noqa: F401
+                                       check_linear_beta_schedule, check_q_posterior,
+                                       check_q_sample, check_sigmoid_beta_schedule)
+from diffusion_checks.lesson02 import (check_res_block, check_self_attention,  # noqa: F401
+                                       check_sinusoidal_embedding, check_unet_forward)
+from diffusion_checks.lesson03 import (check_ddpm_step, check_diffusion_loss,  # noqa: F401
+                                       check_ema_update, check_train_step)

@@ -1,0 +1,320 @@
+"""The machinery every exercise check is built on.
+
+A check
+1. says "not attempted yet" (and returns ``False``) while the exercise still raises
+   ``NotImplementedError``;
+2. checks the type, shape and dtype of what came back and names what it expected
+   (``None`` means a missing ``return``);
+3. computes the reference first, then calls the learner's code on copies and checks the
+   inputs came back unchanged (an in-place edit of an input is a mistake of its own);
+4. compares with the reference on several cases, NaN-safe, and recognises the usual
+   mistakes by name; a difference it cannot name says which output differs, where and by
+   how much;
+5. where the exercise creates tensors, calls it once more on another device (a GPU when
+   there is one, else PyTorch's ``meta`` device) to catch tensors made on the wrong device;
+6. prints one pass line (and returns ``True``), or raises ``AssertionError`` with a hint.
+
+Checks never depend on the order or the method by which learner code draws random
+numbers: randomness is passed in through arguments, or the check measures a property
+every correct answer has.
+
+The pass / not-attempted lines start with the fixed marks below, so tools (the grader)
+can read a notebook's outputs. An exercise is named by its heading in the notebook
+(``Exercise 5 · q_sample``), the same name everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+PASSED_MARK = "✔ PASSED"
+NOT_ATTEMPTED_MARK = "○ NOT ATTEMPTED"
+
+# Words in PyTorch's messages when tensors on two devices meet in one operation.
+_DEVICE_ERRORS = ("expected device", "same device", "is not on the expected device",
+                  "expected all tensors to be on", "device type", "found at least two devices")
+
+
+class _NotAttempted(Exception):
+    """Raised inside a check when the learner's code is still the stub."""
+
+
+def exercise_check(exercise: str):
+    """Turn ``body(fn, ...) -> str`` into a check for the exercise called ``exercise``.
+
+    ``exercise`` is the exercise's heading in its notebook without the ``##`` (for example
+    ``"Exercise 5 · q_sample"``). ``body`` raises ``AssertionError`` (through :func:`fail`)
+    with a hint, or returns a short description of what passed.
+    """
+
+    def decorate(body: Callable[..., str]):
+        @functools.wraps(body)
+        def check(fn, *args, **kwargs) -> bool:
+            if not callable(fn):
+                raise TypeError(f"{body.__name__} expects your function or class itself "
+                                f"({exercise}), got {type(fn).__name__}")
+            try:
+                detail = body(fn, *args, **kwargs)
+            except _NotAttempted:
+                print(f"{NOT_ATTEMPTED_MARK} {exercise}: not attempted yet — replace "
+                      "`raise NotImplementedError()` with your code and run the cell again.")
+                return False
+            except AssertionError as err:
+                raise AssertionError(f"{exercise}: {err}") from None
+            print(f"{PASSED_MARK} {exercise}: {detail}")
+            return True
+
+        check.exercise = exercise
+        return check
+
+    return decorate
+
+
+def fail(hint: str):
+    """Stop the check with a hint for the learner."""
+    raise AssertionError(hint)
+
+
+def call(fn, *args, **kwargs):
+    """Call the learner's function; a stub turns into "not attempted"."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise _NotAttempted from None
+
+
+# ── Inputs left as they were ─────────────────────────────────────────────────────────
+
+
+def _tensors(value, path: str) -> list[tuple[str, Tensor]]:
+    """Every tensor inside ``value`` (a tensor, module, dataclass, list or dict), by path."""
+    if isinstance(value, Tensor):
+        return [(path, value)]
+    if isinstance(value, nn.Module):
+        return [(f"{path}.{k}", v) for k, v in value.state_dict().items()]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [item for f in dataclasses.fields(value)
+                for item in _tensors(getattr(value, f.name), f"{path}.{f.name}")]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in _tensors(v, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _tensors(v, f"{path}[{k!r}]")]
+    return []
+
+
+def snapshot(value, name: str = "") -> list[tuple[str, Tensor]]:
+    """Copies of the tensors inside ``value``, to compare with later (:func:`changed`)."""
+    return [(path, tensor.detach().clone()) for path, tensor in _tensors(value, name)]
+
+
+def changed(value, before: list[tuple[str, Tensor]], name: str = "") -> str | None:
+    """The path of the first tensor in ``value`` that differs from ``before`` (NaN equals
+    NaN), or None when everything is as it was."""
+    now = _tensors(value, name)
+    if [p for p, _ in now] != [p for p, _ in before]:
+        return name
+    for (path, tensor), (_, old) in zip(now, before):
+        tensor = tensor.detach()
+        if (tensor.shape != old.shape or tensor.dtype != old.dtype
+                or not torch.equal(tensor.isnan(), old.isnan())
+                or not torch.equal(tensor.nan_to_num(), old.nan_to_num())):
+            return path
+    return None
+
+
+def call_pure(fn, *args, names: tuple[str, ...] = (), **kwargs):
+    """:func:`call`, then fail with a hint naming any input the function changed in place.
+
+    ``names`` are the positional arguments' names as the learner knows them (keyword
+    arguments are named by their keyword).
+    """
+    names = tuple(names) + tuple(f"argument {i + 1}" for i in range(len(names), len(args)))
+    watched = list(zip(names, args)) + list(kwargs.items())
+    before = [(name, value, snapshot(value, name)) for name, value in watched]
+    out = call(fn, *args, **kwargs)
+    for name, value, snap in before:
+        path = changed(value, snap, name)
+        if path is not None:
+            fail(f"your code changed its input `{path}` in place (an in-place operation such "
+                 f"as `+=`, `.mul_(...)`, `.clamp_(...)` or `[...] =` on it): leave the "
+                 "inputs as they are and compute new tensors")
+    return out
+
+
+# ── What came back ───────────────────────────────────────────────────────────────────
+
+BROADCAST_HINT = ("check how per-timestep values broadcast over the batch: a (B,) tensor must "
+                  "become (B, 1, 1, 1) before it multiplies a (B, C, H, W) batch")
+
+
+def expect_tensor(out, *, shape, dtype=torch.float32, what: str = "the result",
+                  shape_hint: str | None = None) -> Tensor:
+    """Check ``out`` is a finite tensor of ``shape`` and ``dtype``; name what was expected.
+
+    ``shape_hint`` is added when the shape is wrong; by default the broadcasting hint
+    when the wrong shape has extra batch-sized dimensions (the usual broadcasting slip).
+    """
+    if out is None:
+        fail(f"{what} is None — did you forget the `return` statement?")
+    if isinstance(out, tuple) and len(out) == 1:
+        fail(f"{what} is a 1-tuple — is there a stray comma after the returned expression?")
+    if not isinstance(out, Tensor):
+        fail(f"{what} should be a torch.Tensor of shape {tuple(shape)}, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        if shape_hint is None:
+            shape_hint = (BROADCAST_HINT if out.ndim > len(shape) or (
+                out.ndim == len(shape) and out.numel() > math.prod(shape)) else
+                "compare each step's shape with the docstring")
+        fail(f"{what} should have shape {tuple(shape)}, got {tuple(out.shape)} — {shape_hint}")
+    if dtype is not None and out.dtype != dtype:
+        fail(f"{what} should have dtype {dtype}, got {out.dtype}")
+    expect_finite(out, what=what)
+    return out
+
+
+def expect_finite(out: Tensor, *, what: str) -> Tensor:
+    """Fail if ``out`` holds NaN or inf, saying how many and where the first one is."""
+    bad = ~torch.isfinite(out.detach())
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        kind = "NaN" if out.detach().isnan().any() else "inf"
+        fail(f"{what} contains {kind} values ({int(bad.sum())} of {out.numel()}, the first at "
+             f"index {where}) — look for a division by zero, the sqrt or log of a negative "
+             "number, or a value that grows without bound")
+    return out
+
+
+def expect_float(out, *, what: str) -> float:
+    """Check ``out`` is a finite Python float."""
+    if out is None:
+        fail(f"{what} is None — did you forget the `return` statement?")
+    if isinstance(out, Tensor):
+        fail(f"{what} is a tensor; return a Python float (`.item()`)")
+    if not isinstance(out, float):
+        fail(f"{what} should be a Python float, got {type(out).__name__}")
+    if not math.isfinite(out):
+        fail(f"{what} is {out}: something diverged or divided by zero")
+    return out
+
+
+def near(a: float, b: float, *, atol: float = 1e-6, rtol: float = 1e-5) -> bool:
+    """Whether two numbers agree (NaN and inf never do)."""
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= atol + rtol * abs(b)
+
+
+def close(a: Tensor, b: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Whether two tensors agree within tolerances; shapes must match, NaN never agrees."""
+    return (isinstance(a, Tensor) and a.shape == b.shape
+            and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+            and torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(),
+                               atol=atol, rtol=rtol))
+
+
+def largest_difference(out: Tensor, expected: Tensor, *, item_names=None) -> str:
+    """"largest difference 0.31 at item 2 (t = 30)": where two same-shape tensors differ most."""
+    diff = (out.detach().double().cpu() - expected.detach().double().cpu()).abs()
+    diff = diff.nan_to_num(nan=math.inf)
+    flat = int(diff.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    text = f"largest difference {diff.max().item():.3g}"
+    if not index:
+        return text
+    item = index[0]
+    if item_names is not None:
+        return f"{text} at item {item} ({item_names[item]})"
+    return f"{text} at index {index}"
+
+
+def compare(out: Tensor, expected: Tensor, mistakes: dict[str, Tensor], *, what: str,
+            atol: float = 1e-5, rtol: float = 1e-4, item_names=None, term_hint: str | None = None
+            ) -> None:
+    """Fail unless ``out`` matches ``expected``; when it matches a known mistake, say which.
+
+    ``mistakes`` maps a hint to the value that mistake produces. A difference that is no
+    known mistake says where it is largest (``item_names`` names the batch items) and
+    ``term_hint`` (default: compare term by term with the equation).
+    """
+    if close(out, expected, atol=atol, rtol=rtol):
+        return
+    for hint, wrong in mistakes.items():
+        if close(out, wrong, atol=atol, rtol=rtol):
+            fail(f"{what} is not right: {hint}")
+    where = largest_difference(out, expected, item_names=item_names)
+    fail(f"{what} differs from the reference ({where}); "
+         + (term_hint or "compare your code with the equation above, term by term"))
+
+
+# ── Another device ───────────────────────────────────────────────────────────────────
+
+
+def other_device(device="cpu") -> torch.device:
+    """A device other than ``device`` to probe learner code on: a GPU if there is one, else
+    ``meta`` (tensors with shapes and dtypes but no values)."""
+    device = torch.device(device)
+    if device.type != "cuda" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if device.type != "mps" and getattr(torch.backends, "mps", None) is not None \
+            and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("meta")
+
+
+def to_device(value, device):
+    """``value`` with every tensor moved to ``device`` (modules and schedules too)."""
+    if isinstance(value, (Tensor, nn.Module)):
+        return value.to(device)
+    if hasattr(value, "to") and dataclasses.is_dataclass(value):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _is_device_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return any(words in text for words in _DEVICE_ERRORS)
+
+
+DEVICE_HINT = ("a tensor is created on the CPU inside your code while the inputs are on "
+               "{device}: pass `device=x.device` to torch.randn / torch.randint / torch.arange "
+               "/ torch.zeros (or use torch.randn_like, x.new_zeros, ...), so that the code "
+               "runs on a GPU as well")
+
+
+def probe_device(fn, *args, what: str, expect_device_of: int | str | None = 0, **kwargs):
+    """Call ``fn`` with every argument on :func:`other_device` and check the result's device.
+
+    Fails with :data:`DEVICE_HINT` when the call mixes devices or returns a tensor on another
+    device than the inputs. An error that has nothing to do with devices (``meta`` tensors
+    have no values, so ``.item()`` cannot work on them) leaves the probe inconclusive: a
+    correct answer is never rejected here. Returns the result, or ``None`` when
+    inconclusive.
+    """
+    device = other_device()
+    try:
+        moved_args = [to_device(a, device) for a in args]
+        moved_kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    try:
+        out = call(fn, *moved_args, **moved_kwargs)
+    except _NotAttempted:
+        raise
+    except Exception as err:  # noqa: BLE001 (anything else only ends the probe)
+        if _is_device_error(err):
+            fail(f"{what}: " + DEVICE_HINT.format(device=device.type)
+                 + f" (PyTorch said: {str(err).splitlines()[0]})")
+        return None
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    for o in outs:
+        if isinstance(o, Tensor) and o.device.type != device.type:
+            fail(f"{what}: the result is on {o.device.type} although the inputs are on "
+                 f"{device.type} — " + DEVICE_HINT.format(device=device.type))
+    return out
