@@ -649,6 +649,14 @@ class NoiseSchedule:
     posterior_log_variance_clipped: Tensor  # log β̃_t, with β̃_0 replaced by β̃_1
     posterior_mean_coef_x0: Tensor          # β_t sqrt(ᾱ_{t-1}) / (1 - ᾱ_t)
     posterior_mean_coef_xt: Tensor          # sqrt(α_t) (1 - ᾱ_{t-1}) / (1 - ᾱ_t)
+    # Derived in float64 too, so that no step recomputes them in float32 (1 - ᾱ_t loses
+    # about four digits there when ᾱ_t is close to 1, i.e. for the first timesteps):
+    sqrt_alpha_bars: Tensor                 # sqrt(ᾱ_t), the signal's amplitude in x_t
+    sqrt_one_minus_alpha_bars: Tensor       # sqrt(1 - ᾱ_t), the noise's amplitude in x_t
+    sqrt_recip_alphas: Tensor               # 1 / sqrt(α_t), the front factor of DDPM eq. 11
+    eps_coef: Tensor                        # β_t / sqrt(1 - ᾱ_t), ε's factor in DDPM eq. 11
+    sqrt_recip_alpha_bars: Tensor           # 1 / sqrt(ᾱ_t)          } x̂_0 = x_t / sqrt(ᾱ_t)
+    sqrt_recipm1_alpha_bars: Tensor         # sqrt(1 / ᾱ_t - 1)      }  - sqrt(1/ᾱ_t - 1) ε
 
     @property
     def T(self) -> int:
@@ -657,16 +665,20 @@ class NoiseSchedule:
 
     @classmethod
     def from_betas(cls, betas) -> NoiseSchedule:
-        """Build the schedule from β_t ``(T,)`` (tensor or array, values in (0, 1])."""
+        """Build the schedule from β_t ``(T,)`` (tensor or array, values in (0, 1))."""
         betas = torch.as_tensor(betas)
         device = betas.device
         b = betas.detach().to("cpu", torch.float64)  # float64 on the CPU (MPS has no float64)
         if b.ndim != 1 or b.numel() < 1:
             raise ValueError(f"betas must be a 1-D tensor of shape (T,), T >= 1, "
                              f"got shape {tuple(b.shape)}")
-        if not ((b > 0) & (b <= 1)).all():
-            raise ValueError(f"betas must lie in (0, 1], got values in "
-                             f"[{b.min().item():.3g}, {b.max().item():.3g}]")
+        if not ((b > 0) & (b < 1)).all():
+            bad = int(torch.nonzero(~((b > 0) & (b < 1)))[0])
+            raise ValueError(
+                f"betas must lie in (0, 1), got β = {b[bad].item():.6g} at t = {bad}"
+                + (" — β = 1 erases the signal completely (ᾱ = 0 from there on) and the "
+                   "reverse step divides by sqrt(α_t) = 0; clip the betas below 1 "
+                   "(e.g. max_beta=0.999)" if b[bad] >= 1 else ""))
         alphas = 1.0 - b
         alpha_bars = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([b.new_ones(1), alpha_bars[:-1]])
@@ -681,6 +693,12 @@ class NoiseSchedule:
             posterior_log_variance_clipped=posterior_log_variance_clipped,
             posterior_mean_coef_x0=b * alpha_bar_prev.sqrt() / (1.0 - alpha_bars),
             posterior_mean_coef_xt=alphas.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bars),
+            sqrt_alpha_bars=alpha_bars.sqrt(),
+            sqrt_one_minus_alpha_bars=(1.0 - alpha_bars).sqrt(),
+            sqrt_recip_alphas=alphas.rsqrt(),
+            eps_coef=b / (1.0 - alpha_bars).sqrt(),
+            sqrt_recip_alpha_bars=alpha_bars.rsqrt(),
+            sqrt_recipm1_alpha_bars=(1.0 / alpha_bars - 1.0).sqrt(),
         )
         return cls(**{k: v.to(device, torch.float32) for k, v in values.items()})
 
@@ -738,9 +756,8 @@ def q_sample(x0: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule) -> Ten
     if eps.shape != x0.shape:
         raise ValueError(f"eps must have the shape of x0, {tuple(x0.shape)}, "
                          f"got {tuple(eps.shape)}")
-    alpha_bar_t = extract(schedule.alpha_bars, t, x0.shape).to(x0.device)  # (B, 1, 1, 1)
-    signal = alpha_bar_t.sqrt().to(x0.dtype)
-    noise = (1.0 - alpha_bar_t).sqrt().to(x0.dtype)
+    signal = extract(schedule.sqrt_alpha_bars, t, x0.shape).to(x0)           # (B, 1, 1, 1)
+    noise = extract(schedule.sqrt_one_minus_alpha_bars, t, x0.shape).to(x0)  # (B, 1, 1, 1)
     return signal * x0 + noise * eps
 
 
@@ -1440,7 +1457,8 @@ def _forever(batches):
 def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
           lr: float = 2e-4, warmup_steps: int = 100, lr_shape: str = "constant",
           max_grad_norm: float | None = 1.0, ema: EMA | None = None, optimizer=None,
-          cond_fn=None, autocast: bool | None = None, device=None, progress: bool = True):
+          cond_fn=None, autocast: bool | None = None, device=None, progress: bool = True,
+          step_fn=None):
     """Train ``model`` to predict the noise, yielding a :class:`TrainState` after every step.
 
     A generator, so a notebook can plot the loss as it falls::
@@ -1453,7 +1471,10 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
     given, returns the model's conditioning keywords, e.g. ``{"labels": batch[1]}``.
     AdamW with ``lr`` unless an ``optimizer`` is given; linear warm-up of the learning rate.
     ``autocast``: bfloat16 for the forward pass (default: where :func:`fast_setup` would).
+    ``step_fn``: the function that makes one step, with :func:`train_step`'s signature
+    (default :func:`train_step`; a lesson passes the learner's own).
     """
+    step_fn = train_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = _bf16_is_fast(device) if autocast is None else autocast
     schedule = schedule.to(device)
@@ -1468,8 +1489,8 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
         cond = {k: v.to(device) if isinstance(v, Tensor) else v
                 for k, v in (cond_fn(batch) if cond_fn else {}).items()}
         lr_now = optimizer.param_groups[0]["lr"]
-        loss = train_step(model, optimizer, x0, schedule, max_grad_norm=max_grad_norm,
-                          scheduler=scheduler, ema=ema, autocast=autocast, **cond)
+        loss = step_fn(model, optimizer, x0, schedule, max_grad_norm=max_grad_norm,
+                       scheduler=scheduler, ema=ema, autocast=autocast, **cond)
         if step % 10 == 0 or step == steps:
             bar.set_postfix(loss=f"{loss:.4f}")
         yield TrainState(step=step, loss=loss, lr=lr_now)
@@ -1496,12 +1517,11 @@ def ddpm_step(model_eps: Tensor, xt: Tensor, t: Tensor, schedule: NoiseSchedule,
     if model_eps.shape != xt.shape:
         raise ValueError(f"model_eps must have the shape of xt, {tuple(xt.shape)}, "
                          f"got {tuple(model_eps.shape)}")
-    # 1. the per-timestep values, broadcast to (B, 1, 1, 1)
-    beta_t = extract(schedule.betas, t, xt.shape).to(xt)
-    alpha_t = extract(schedule.alphas, t, xt.shape).to(xt)
-    alpha_bar_t = extract(schedule.alpha_bars, t, xt.shape).to(xt)
+    # 1. the per-timestep values, broadcast to (B, 1, 1, 1), from the schedule's float64 maths
+    sqrt_recip_alpha_t = extract(schedule.sqrt_recip_alphas, t, xt.shape).to(xt)  # 1/sqrt(α_t)
+    eps_coef_t = extract(schedule.eps_coef, t, xt.shape).to(xt)      # β_t / sqrt(1 - ᾱ_t)
     # 2. the mean of p_θ(x_{t-1} | x_t), DDPM eq. 11
-    mean = (xt - beta_t / (1.0 - alpha_bar_t).sqrt() * model_eps) / alpha_t.sqrt()
+    mean = sqrt_recip_alpha_t * (xt - eps_coef_t * model_eps)
     # 3. the standard deviation σ_t, zero at t = 0
     var_values = schedule.posterior_variance if variance == "posterior" else schedule.betas
     sigma_t = extract(var_values, t, xt.shape).to(xt).sqrt()
@@ -1519,9 +1539,10 @@ def _eps_with_clipped_x0(model_eps: Tensor, xt: Tensor, t: Tensor,
     x̂_0 to the pixel range keeps the reverse step stable (improved-diffusion's
     ``clip_denoised``). Where x̂_0 is already in range this returns ``model_eps`` unchanged.
     """
-    alpha_bar_t = extract(schedule.alpha_bars, t, xt.shape).to(xt)
-    x0_hat = (xt - (1 - alpha_bar_t).sqrt() * model_eps) / alpha_bar_t.sqrt()
-    return (xt - alpha_bar_t.sqrt() * x0_hat.clamp(-1, 1)) / (1 - alpha_bar_t).sqrt()
+    recip = extract(schedule.sqrt_recip_alpha_bars, t, xt.shape).to(xt)      # 1/sqrt(ᾱ_t)
+    recipm1 = extract(schedule.sqrt_recipm1_alpha_bars, t, xt.shape).to(xt)  # sqrt(1/ᾱ_t - 1)
+    x0_hat = recip * xt - recipm1 * model_eps                     # DDPM eq. 4 solved for x_0
+    return (recip * xt - x0_hat.clamp(-1, 1)) / recipm1           # ... and for ε
 
 
 def respace_schedule(schedule: NoiseSchedule, num_steps: int) -> tuple[NoiseSchedule, Tensor]:
@@ -1535,7 +1556,7 @@ def respace_schedule(schedule: NoiseSchedule, num_steps: int) -> tuple[NoiseSche
     if not 1 <= num_steps <= schedule.T:
         raise ValueError(f"num_steps must lie in [1, T] = [1, {schedule.T}], got {num_steps}")
     taus = torch.linspace(0, schedule.T - 1, num_steps, dtype=torch.float64).round().long()
-    alpha_bars = schedule.alpha_bars.detach().cpu().double()[taus]          # (S,)
+    alpha_bars = torch.cumprod(1.0 - schedule.betas.detach().cpu().double(), 0)[taus]  # (S,)
     prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])
     betas = (1.0 - alpha_bars / prev).clamp(min=1e-12, max=1.0)  # (S,)
     return NoiseSchedule.from_betas(betas), taus
@@ -1546,7 +1567,7 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
                 num_steps: int | None = None, generator: torch.Generator | None = None,
                 device=None, variance: str = "posterior", add_noise: bool = True,
                 autocast: bool | None = None, clip_x0: bool = True, progress: bool = True,
-                **cond):
+                step_fn=None, **cond):
     """Ancestral sampling (DDPM, Ho et al. 2020, Algorithm 2), yielding x_t after every step.
 
     Starts from pure noise x_{T-1} ~ N(0, I) of ``shape`` ``(B, C, H, W)`` and applies
@@ -1555,7 +1576,10 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
     what goes wrong without it. ``generator`` makes the run reproducible; ``cond`` goes to
     the model. The model runs in eval mode without gradients (restored afterwards), in
     bfloat16 autocast if ``autocast`` (default: where :func:`fast_setup` would use it).
+    ``step_fn``: the reverse step, with :func:`ddpm_step`'s signature (default
+    :func:`ddpm_step`; a lesson passes the learner's own).
     """
+    step_fn = ddpm_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = _bf16_is_fast(device) if autocast is None else autocast
     if num_steps is None or num_steps == schedule.T:
@@ -1575,8 +1599,8 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
             if clip_x0:
                 model_eps = _eps_with_clipped_x0(model_eps, x, i_batch, steps_schedule)
             z = torch.randn(x.shape, generator=generator, device=device)
-            x = ddpm_step(model_eps, x, i_batch, steps_schedule, variance=variance,
-                          noise=z if add_noise else torch.zeros_like(x))
+            x = step_fn(model_eps, x, i_batch, steps_schedule, variance=variance,
+                        noise=z if add_noise else torch.zeros_like(x))
             yield x
     finally:
         model.train(was_training)
@@ -1586,7 +1610,7 @@ def sample_images(model: nn.Module, n: int, schedule: NoiseSchedule, *,
                   image_shape=(3, 32, 32), num_steps: int | None = None,
                   batch_size: int | None = None, generator: torch.Generator | None = None,
                   device=None, variance: str = "posterior", autocast: bool | None = None,
-                  progress: bool = True, **cond) -> Tensor:
+                  progress: bool = True, step_fn=None, **cond) -> Tensor:
     """``n`` images x_0 from :func:`ddpm_sample`, clamped to [-1, 1], ``(n, C, H, W)``.
 
     Runs in batches of ``batch_size`` (all at once by default); tensors in ``cond`` are
@@ -1600,7 +1624,7 @@ def sample_images(model: nn.Module, n: int, schedule: NoiseSchedule, *,
         for x in ddpm_sample(model, (stop - start, *image_shape), schedule,
                              num_steps=num_steps, generator=generator, device=device,
                              variance=variance, autocast=autocast, progress=progress,
-                             **part):
+                             step_fn=step_fn, **part):
             pass
         out.append(x.clamp(-1.0, 1.0))
     return torch.cat(out)

@@ -60,7 +60,7 @@ def _ramp(a: float, b: float, T: int) -> Tensor:
     return torch.linspace(a, b, T, dtype=torch.float64)
 
 
-@exercise_check("linear_beta_schedule")
+@exercise_check("Exercise 1 · The linear schedule")
 def check_linear_beta_schedule(fn) -> str:
     cases = [(1000, {}), (200, {}), (50, {}), (100, dict(beta_start=1e-3, beta_end=0.05))]
     for T, kwargs in cases:
@@ -88,7 +88,7 @@ def _cosine_alpha_bar_grid(T: int, s: float, *, squared: bool = True) -> Tensor:
     return f / f[0]
 
 
-@exercise_check("cosine_beta_schedule")
+@exercise_check("Exercise 2 · The cosine schedule")
 def check_cosine_beta_schedule(fn) -> str:
     cases = [(10, {}), (50, {}), (20, dict(s=0.1, max_beta=0.5)), (1000, {})]
     for T, kwargs in cases:
@@ -123,7 +123,7 @@ def _sigmoid_alpha_bar_grid(T, start, end, tau, *, scaled_ends=True, offset=True
     return (v_end - v) / (v_end - v_start)
 
 
-@exercise_check("sigmoid_beta_schedule")
+@exercise_check("Exercise 3 · The sigmoid schedule")
 def check_sigmoid_beta_schedule(fn) -> str:
     cases = [(10, {}), (50, {}), (30, dict(start=-2.0, end=4.0, tau=0.7, max_beta=0.9)),
              (1000, {})]
@@ -155,7 +155,7 @@ def check_sigmoid_beta_schedule(fn) -> str:
     return "sigmoid betas match Chen (2023) for T = 10, 50, 1000 and custom start, end, tau"
 
 
-@exercise_check("alpha_bars_from_betas")
+@exercise_check("Exercise 4 · How much signal is left: ᾱ_t")
 def check_alpha_bars(fn) -> str:
     g = torch.Generator().manual_seed(1)
     cases = [du.cosine_beta_schedule(50), du.linear_beta_schedule(100),
@@ -220,7 +220,7 @@ def _q_sample_mistakes(x0: Tensor, t: Tensor, eps: Tensor, schedule) -> dict[str
     }
 
 
-@exercise_check("q_sample")
+@exercise_check("Exercise 5 · q_sample: jump straight to step t")
 def check_q_sample(fn) -> str:
     for i, (name, T, timesteps) in enumerate(_FORWARD_CASES):
         schedule = du.NoiseSchedule.create(name, T)
@@ -285,7 +285,7 @@ def _expect_pair(out, what: str):
     return out
 
 
-@exercise_check("q_posterior_mean_variance")
+@exercise_check("Exercise 6 · One step back: the posterior")
 def check_q_posterior(fn) -> str:
     for i, (name, T, timesteps) in enumerate(_FORWARD_CASES):
         schedule = du.NoiseSchedule.create(name, T)

@@ -88,7 +88,7 @@ def _sinusoid_variants(t: Tensor, dim: int, max_period: float) -> dict[str, Tens
     }
 
 
-@exercise_check("sinusoidal_embedding")
+@exercise_check("Exercise 1 · Telling the network the time: the sinusoidal embedding")
 def check_sinusoidal_embedding(fn) -> str:
     t = torch.tensor([0, 1, 7, 50, 999])
     for dim, max_period in [(8, 10000), (32, 10000), (6, 100)]:
@@ -128,7 +128,7 @@ def _res_block_variants(b: nn.Module, x: Tensor, emb: Tensor) -> dict[str, Tenso
     }
 
 
-@exercise_check("ResBlock")
+@exercise_check("Exercise 2 · The residual block, with the time injected")
 def check_res_block(cls) -> str:
     time_dim, B = 12, 2
     for in_ch, out_ch in [(8, 8), (8, 16)]:
@@ -189,7 +189,7 @@ def _attention_variants(a: nn.Module, x: Tensor) -> dict[str, Tensor]:
     }
 
 
-@exercise_check("SelfAttention")
+@exercise_check("Exercise 3 · Self-attention: every pixel looks at every other")
 def check_self_attention(cls) -> str:
     B, C = 2, 16
     for heads, (H, W) in [(4, (4, 6)), (1, (3, 3)), (2, (5, 4))]:
@@ -250,7 +250,7 @@ def _unet_cases():
             (du.UNetConfig(**small, num_classes=3, context_dim=6), x, t, cond)]
 
 
-@exercise_check("UNet.forward")
+@exercise_check("Exercise 4 · The whole UNet")
 def check_unet_forward(cls) -> str:
     for config, x, t, kw in _unet_cases():
         torch.manual_seed(0)

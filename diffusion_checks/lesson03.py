@@ -52,7 +52,7 @@ def _loss_variant(model, x0, t, eps, schedule, *, x0_target=False, one_minus_noi
     return err.mean()
 
 
-@exercise_check("diffusion_loss")
+@exercise_check("Exercise 1 · The loss: predict the noise")
 def check_diffusion_loss(fn) -> str:
     """Check ``diffusion_loss(model, x0, schedule, *, t=None, eps=None, **cond)``."""
     schedule = du.NoiseSchedule.create("cosine", 10)
@@ -132,7 +132,7 @@ def _ddpm_step_variant(eps, xt, t, schedule, noise, *, variance="posterior", no_
     return mean if no_noise else mean + sigma * noise
 
 
-@exercise_check("ddpm_step")
+@exercise_check("Exercise 4 · The reverse step: from x_t to x_{t-1}")
 def check_ddpm_step(fn) -> str:
     """Check ``ddpm_step(model_eps, xt, t, schedule, *, variance="posterior", noise=None)``."""
     schedule = du.NoiseSchedule.create("linear", 50)
@@ -169,7 +169,7 @@ def check_ddpm_step(fn) -> str:
     return "the reverse step matches DDPM eq. 11 / Algorithm 2, with no noise at t = 0"
 
 
-@exercise_check("ema_update_")
+@exercise_check("Exercise 3 · An exponential moving average of the weights")
 def check_ema_update(fn) -> str:
     """Check ``ema_update_(ema_params, params, decay)`` (in place, returns nothing)."""
     g = torch.Generator().manual_seed(7)
@@ -229,7 +229,7 @@ def _distance(a, b) -> float:
     return float(sum(((x - y) ** 2).sum() for x, y in zip(a, b)) ** 0.5)
 
 
-@exercise_check("train_step")
+@exercise_check("Exercise 2 · One training step")
 def check_train_step(fn) -> str:
     """Check ``train_step(model, optimizer, x0, schedule, *, max_grad_norm=1.0,
     scheduler=None, ema=None, autocast=False, **cond) -> float``."""

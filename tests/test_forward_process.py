@@ -179,9 +179,32 @@ def test_q_sample_uses_each_items_timestep_and_follows_dtype():
     t = torch.tensor([0, 25, 49])
     xt = du.q_sample(x0, t, eps, schedule)
     assert xt.dtype == F64
+    alpha_bars64 = torch.cumprod(1 - du.cosine_beta_schedule(50), 0)  # float64 throughout
     for i in range(3):
-        ab = schedule.alpha_bars[t[i]].double()
-        assert torch.allclose(xt[i], ab.sqrt() * x0[i] + (1 - ab).sqrt() * eps[i])
+        ab = alpha_bars64[t[i]]
+        assert torch.allclose(xt[i], ab.sqrt() * x0[i] + (1 - ab).sqrt() * eps[i], rtol=1e-6,
+                              atol=1e-7)
+
+
+def test_derived_quantities_keep_float64_precision_near_t0():
+    """1 - ᾱ_t recomputed in float32 loses digits where ᾱ_t is close to 1; the schedule's
+    derived fields are computed in float64 before they are stored."""
+    schedule = du.NoiseSchedule.create("linear", 1000)
+    alpha_bars64 = torch.cumprod(1 - du.linear_beta_schedule(1000), 0)
+    exact = (1 - alpha_bars64).sqrt()
+    stored = schedule.sqrt_one_minus_alpha_bars.double()
+    recomputed = (1 - schedule.alpha_bars).sqrt().double()
+    assert ((stored - exact).abs() / exact).max() < 1e-6
+    assert ((recomputed - exact).abs() / exact).max() > 1e-5  # what the fields avoid
+    eps_coef = du.linear_beta_schedule(1000) / exact
+    assert torch.allclose(schedule.eps_coef.double(), eps_coef, rtol=1e-6)
+
+
+@pytest.mark.parametrize("betas", [du.cosine_beta_schedule(100, max_beta=1.0),
+                                   torch.tensor([0.1, 1.0, 0.2])])
+def test_a_beta_of_one_is_refused_with_the_reason(betas):
+    with pytest.raises(ValueError, match=r"β = 1 erases the signal.*max_beta=0.999"):
+        du.NoiseSchedule.from_betas(betas)
 
 
 # ── the posterior q(x_{t-1} | x_t, x_0) ──
@@ -259,8 +282,8 @@ def test_schedules_reject_bad_T(fn, T):
     (lambda: du.alpha_bars_from_betas([0.1, 0.2]), r"1-D tensor of shape \(T,\), got list"),
     (lambda: du.NoiseSchedule.from_betas(torch.rand(2, 5)), r"1-D tensor of shape \(T,\)"),
     (lambda: du.NoiseSchedule.from_betas(torch.tensor([])), r"T >= 1"),
-    (lambda: du.NoiseSchedule.from_betas(torch.tensor([0.1, 1.5])), r"lie in \(0, 1\]"),
-    (lambda: du.NoiseSchedule.from_betas(torch.tensor([0.0, 0.1])), r"lie in \(0, 1\]"),
+    (lambda: du.NoiseSchedule.from_betas(torch.tensor([0.1, 1.5])), r"lie in \(0, 1\)"),
+    (lambda: du.NoiseSchedule.from_betas(torch.tensor([0.0, 0.1])), r"lie in \(0, 1\)"),
     (lambda: du.NoiseSchedule.create("cosin", 10), r"expected one of"),
 ])
 def test_value_errors_name_what_was_expected(call, message):

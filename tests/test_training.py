@@ -269,3 +269,15 @@ def test_clipping_x0_changes_eps_only_where_x0_hat_leaves_the_pixel_range(x0, sc
     a = du.extract(schedule.alpha_bars, t, xt.shape)
     x0_hat = (xt - (1 - a).sqrt() * wild) / a.sqrt()
     assert x0_hat.abs().max() <= 1 + 1e-3
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_clipped_last_step_lands_inside_the_pixel_range(name):
+    """With x̂_0 clipped, the last step (t = 0) returns x̂_0 itself: no float32 drift outside
+    [-1, 1] (the schedule's derived fields are computed in float64)."""
+    schedule = du.NoiseSchedule.create(name, 1000)
+    g = torch.Generator().manual_seed(0)
+    xt, eps = torch.randn(64, 3, 8, 8, generator=g) * 2, torch.randn(64, 3, 8, 8, generator=g) * 3
+    t = torch.zeros(64, dtype=torch.long)
+    x = du.ddpm_step(du._eps_with_clipped_x0(eps, xt, t, schedule), xt, t, schedule)
+    assert x.abs().max().item() <= 1 + 1e-5
