@@ -55,7 +55,7 @@ def solution(path, setup="import torch\nimport diffusion_utilities as du"):
 
 
 def test_check_and_apply_on_copies(tmp_path, capsys):
-    good = solution(tmp_path / "01_a.ipynb", colab.SETUP_SNIPPET + "\nimport torch")
+    good = solution(tmp_path / "01_a.ipynb", colab.SETUP_SNIPPET.rstrip("\n"))
     bad = solution(tmp_path / "02_b.ipynb")
     assert colab.main(["--check", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
@@ -65,22 +65,27 @@ def test_check_and_apply_on_copies(tmp_path, capsys):
     assert "updated" in capsys.readouterr().out
     assert colab.main(["--check", str(good), str(bad)]) == 0
     nb = nbformat.read(bad, as_version=4)
-    expected = colab.SETUP_SNIPPET + "\nimport torch\nimport diffusion_utilities as du"
-    assert nb.cells[1].source == expected
-    assert nb.cells[1].outputs[0]["text"] == "cpu\n"  # outputs kept
+    # the set-up has a cell of its own, titled; the imports follow with their outputs
+    assert nb.cells[1].source == colab.SETUP_SNIPPET.rstrip("\n")
+    assert nb.cells[1].source.startswith("# Colab set-up")
+    assert nb.cells[2].source == "import torch\nimport diffusion_utilities as du"
+    assert nb.cells[2].outputs[0]["text"] == "cpu\n"  # outputs kept
     before = bad.read_bytes()
     assert colab.apply([good, bad]) == []  # applying again changes nothing
     assert bad.read_bytes() == before
 
 
-def test_apply_replaces_an_older_snippet(tmp_path):
-    old = colab.SETUP_SNIPPET.replace(colab.REPOSITORY, "someone/old-name")
+@pytest.mark.parametrize("title", ["", colab.SETUP_TITLE + "\n"])
+def test_apply_splits_an_older_snippet_off_the_imports(tmp_path, title):
+    old = title + colab.SETUP_SNIPPET.split("\n", 1)[1].replace(colab.REPOSITORY,
+                                                                 "someone/old-name")
     path = solution(tmp_path / "01_a.ipynb", old + "\nimport torch")
     assert colab.check([path]) == [path]
     colab.apply([path])
-    source = nbformat.read(path, as_version=4).cells[1].source
-    assert source == colab.SETUP_SNIPPET + "\nimport torch"
-    assert source.count("google.colab") == 1
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[1].source == colab.SETUP_SNIPPET.rstrip("\n")
+    assert cells[2].source == "import torch"
+    assert sum(c.source.count("google.colab") for c in cells) == 1
 
 
 def test_badge_table_lists_every_lesson(tmp_path):

@@ -1,10 +1,11 @@
 """Open the course's notebooks in Google Colab: badges, and the set-up lines that fetch the course.
 
     python -m tools.colab --check     # exit 1 naming solution notebooks without the set-up lines
-    python -m tools.colab --apply     # put / update them at the top of each first code cell
+    python -m tools.colab --apply     # put / update them in each notebook's first code cell
     python -m tools.colab --badges    # the lesson map's badges, as a Markdown table
 
-Every notebook's set-up cell starts with :data:`SETUP_SNIPPET`. On Colab it clones this
+Every notebook's first code cell is :data:`SETUP_SNIPPET` alone, titled as the Colab set-up,
+so that a learner on their own machine reads the imports in the next cell. On Colab it clones this
 repository (once) into /content/diffusion-course, puts it on ``sys.path`` so
 ``import diffusion_utilities`` works, and moves into its lessons/ folder. Anywhere else it
 does nothing and touches no network. After ``--apply``, regenerate the lessons with
@@ -28,7 +29,9 @@ BRANCH = "main"
 COLAB_DIR = "/content/diffusion-course"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
+SETUP_TITLE = "# Colab set-up: on Colab this fetches the course; on your own machine it does nothing"
 SETUP_SNIPPET = f"""\
+{SETUP_TITLE}
 import sys
 if "google.colab" in sys.modules:  # on Colab: fetch the course once (elsewhere: nothing)
     import os, subprocess
@@ -69,20 +72,21 @@ def _first_code_cell(nb):
 
 
 def has_snippet(nb) -> bool:
+    """Whether the first code cell is the current set-up snippet and nothing else."""
     cell = _first_code_cell(nb)
-    return cell is not None and cell.source.startswith(SETUP_SNIPPET)
+    return cell is not None and cell.source == SETUP_SNIPPET.rstrip("\n")
 
 
-def with_snippet(source: str) -> str:
-    """``source`` with the current snippet at its top, replacing any earlier version of it."""
-    if source.startswith(SNIPPET_OPENING):
-        lines = source.splitlines(keepends=True)
-        end = 2
-        while end < len(lines) and (lines[end][:1] in (" ", "\t")):
-            end += 1
-        source = "".join(lines[end:])
-    rest = source.lstrip("\n")
-    return SETUP_SNIPPET + ("\n" + rest if rest else "").rstrip("\n")
+def split_snippet(source: str) -> tuple[bool, str]:
+    """(whether ``source`` starts with any version of the snippet, the code after it)."""
+    lines = source.splitlines(keepends=True)
+    start = 1 if lines and lines[0].startswith("# Colab set-up") else 0
+    if not "".join(lines[start:]).startswith(SNIPPET_OPENING):
+        return False, source
+    end = start + 2
+    while end < len(lines) and (lines[end][:1] in (" ", "\t")):
+        end += 1
+    return True, "".join(lines[end:]).lstrip("\n")
 
 
 def _read(path: Path):
@@ -97,18 +101,26 @@ def check(paths: list[Path]) -> list[Path]:
 
 
 def apply(paths: list[Path]) -> list[Path]:
-    """Insert or update the snippet in each notebook's first code cell; return those changed."""
+    """Make each notebook's first code cell the current snippet, alone (code that followed
+    an older snippet in the same cell moves to a cell of its own); return those changed."""
     changed = []
     for path in paths:
         nb = _read(path)
-        cell = _first_code_cell(nb)
-        if cell is None:
-            cell = nbformat.v4.new_code_cell("")
-            nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
-        new = with_snippet(cell.source)
-        if new == cell.source:
+        if has_snippet(nb):
             continue
-        cell.source = new
+        cell = _first_code_cell(nb)
+        found, rest = split_snippet(cell.source) if cell is not None else (False, "")
+        snippet_cell = nbformat.v4.new_code_cell(SETUP_SNIPPET.rstrip("\n"))
+        snippet_cell["id"] = "colab-setup"
+        if cell is None:
+            at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
+        else:
+            at = nb.cells.index(cell)
+            if found and rest.strip():
+                cell.source = rest.rstrip("\n")   # the imports keep their cell and outputs
+            elif found:
+                nb.cells.remove(cell)
+        nb.cells.insert(at, snippet_cell)
         ending = "\n" if path.read_bytes().endswith(b"\n") else ""
         path.write_text(nbformat.writes(nb, version=4) + ending, encoding="utf-8")
         changed.append(path)
@@ -140,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         missing = check(paths)
         if missing:
-            print("these notebooks' first code cell does not start with the Colab set-up "
-                  "lines (run `python -m tools.colab --apply`):", file=sys.stderr)
+            print("these notebooks' first code cell is not the Colab set-up cell "
+                  "(run `python -m tools.colab --apply`):", file=sys.stderr)
             print("\n".join(f"  {_shown(p)}" for p in missing), file=sys.stderr)
             return 1
-        print(f"every notebook ({len(paths)}) starts with the Colab set-up lines")
+        print(f"every notebook ({len(paths)}) starts with the Colab set-up cell")
         return 0
     changed = apply(paths)
     print("\n".join(f"updated {_shown(p)}" for p in changed) or "nothing to change")
