@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -42,6 +43,10 @@ _DEVICE_ERRORS = ("expected device", "same device", "is not on the expected devi
 
 class _NotAttempted(Exception):
     """Raised inside a check when the learner's code is still the stub."""
+
+
+# The functions and classes that passed their check, with their exercise's name.
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def exercise_check(exercise: str):
@@ -67,12 +72,41 @@ def exercise_check(exercise: str):
             except AssertionError as err:
                 raise AssertionError(f"{exercise}: {err}") from None
             print(f"{PASSED_MARK} {exercise}: {detail}")
+            try:
+                _PASSED[fn] = exercise
+            except TypeError:  # an object that cannot be weakly referenced is not remembered
+                pass
             return True
 
         check.exercise = exercise
         return check
 
     return decorate
+
+
+def passed(fn) -> bool:
+    """Whether ``fn`` (this very function or class object) has passed its check."""
+    try:
+        return fn in _PASSED
+    except TypeError:
+        return False
+
+
+def yours_if_passed(mine, library, *, name: str | None = None):
+    """``mine`` if it has passed its check, else ``library``; says which in one line.
+
+    The payoff cells of a lesson (training, sampling, building the model) run the learner's
+    own code once its check has passed::
+
+        step_fn = yours_if_passed(train_step, du.train_step)
+    """
+    name = name or getattr(library, "__name__", "this part")
+    if passed(mine):
+        print(f"→ using your {name} (it passed its check)")
+        return mine
+    print(f"→ using the library's du.{name}: yours has not passed its check yet "
+          "(run its check cell after your last change)")
+    return library
 
 
 def fail(hint: str):
