@@ -51,3 +51,43 @@ def test_learner_errors_other_than_the_stub_propagate():
 def test_passing_something_not_callable_is_a_type_error():
     with pytest.raises(TypeError, match=r"expects your function or class itself \(double\)"):
         check_double(torch.ones(3))
+
+
+def test_yours_if_passed_uses_the_learners_version_only_after_it_passed(capsys):
+    from diffusion_checks import passed, yours_if_passed
+
+    def library(x):
+        return x * 2
+
+    def mine(x):
+        return x + x
+
+    assert not passed(mine)
+    assert yours_if_passed(mine, library) is library
+    assert "using the library's du.library" in capsys.readouterr().out
+    check_double(mine)
+    assert passed(mine)
+    assert yours_if_passed(mine, library, name="double") is mine
+    assert "using your double" in capsys.readouterr().out
+
+    def changed_since(x):  # redefined after the check: not the object that passed
+        return x + x
+    assert yours_if_passed(changed_since, library) is library
+
+
+def test_a_failed_or_stubbed_check_is_not_remembered(capsys):
+    from diffusion_checks import passed
+
+    def wrong(x):
+        return 3 * x
+
+    def stub(x):
+        raise NotImplementedError()
+    with pytest.raises(AssertionError):
+        check_double(wrong)
+    check_double(stub)
+    assert not passed(wrong) and not passed(stub)
+
+
+def test_check_functions_carry_their_exercise_name():
+    assert check_double.exercise == "double"
