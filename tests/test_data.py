@@ -321,6 +321,14 @@ def test_show_images_returns_a_figure_for_uint8_and_float_input(sample):
     plt.close(fig)
 
 
+def test_show_images_labels_rows(sample):
+    fig = du.show_images(sample.images[:6], nrow=3, row_labels=["first", "second"], fontsize=9)
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "first" in labels and "second" in labels
+    with pytest.raises(ValueError, match=r"one row label per row \(2\), got 3"):
+        du.show_images(sample.images[:6], nrow=3, row_labels=["a", "b", "c"])
+
+
 @pytest.mark.parametrize("images, kwargs, message", [
     (torch.zeros(2, 3, 8, 8), dict(captions=["one"]), r"expected one caption per image \(2\), got 1"),
     (torch.zeros(2, 4, 8, 8), {}, r"expected images of shape \(N, 3, H, W\) or \(N, 1, H, W\)"),

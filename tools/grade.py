@@ -11,6 +11,11 @@ and keeps going after errors so that every exercise gets checked. A cell that ru
 notebook that runs longer than ``--timeout`` seconds in all is stopped. Printed output is capped
 so a cell printing megabytes cannot flood the report.
 
+An exercise is named by the heading of the notebook section that holds its check call
+(``## Exercise 5 · `q_sample`: jump straight to step t`` is reported as "Exercise 5 ·
+q_sample: jump straight to step t"), the name the check itself prints. An error elsewhere is
+located by the heading it is under and the first line of its cell, as a learner sees them.
+
 Each exercise is reported as passed, FAILED (with the check's hint), not attempted (still the
 ``raise NotImplementedError()`` stub) or not run (the notebook stopped before its check). The
 exit status is 1 when an attempted exercise fails or a notebook could not run to the end (and,
@@ -36,6 +41,7 @@ from pathlib import Path
 import nbformat
 from nbclient.exceptions import DeadKernelError
 
+import diffusion_checks
 from diffusion_checks import NOT_ATTEMPTED_MARK, PASSED_MARK
 from tools.make_exercises import LESSONS, ROOT
 from tools.nbrun import CurrentEnvClient, cell_text
@@ -44,7 +50,10 @@ PASSED, FAILED, NOT_ATTEMPTED, NOT_RUN = "passed", "failed", "not attempted", "n
 STATUSES = (PASSED, FAILED, NOT_ATTEMPTED, NOT_RUN)
 
 CHECK_CALL = re.compile(r"^[ \t]*(check_\w+)\s*\(", re.MULTILINE)
-EXERCISE_PREFIX = re.compile(r"^([\w.\-]{1,80}): (.*)$", re.DOTALL)
+ONE_WORD_PREFIX = re.compile(r"^([\w.\-]{1,80}): (.*)$", re.DOTALL)  # "q_sample: <hint>"
+HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")  # Markdown "## Title"
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")  # opens or closes a fenced code block
+EXERCISE_HEADING = re.compile(r"^Exercise\b")
 NOTEBOOK_FRAME = re.compile(r"Cell In\[(\d+)\], line (\d+)(?:, in (\w+))?")
 GENERATED_FILE = re.compile(r"\(\w+\.py, line (\d+)\)")  # where ipykernel says a SyntaxError is
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -62,19 +71,26 @@ HINT_LINES, HINT_CHARS = 6, 600  # how much of a hint the report shows
 class Exercise:
     """One exercise's result: ``status`` is one of :data:`STATUSES`."""
 
-    name: str
+    name: str  # the heading of the exercise's section, e.g. "Exercise 2 · The cosine schedule"
     status: str
     detail: str = ""  # the pass line's detail, or the hint saying what is wrong
-    cell: int = 0  # 1-based number of the check cell in the notebook
+    cell: int = 0  # 1-based index of the check cell, for tools (never shown to the learner)
+    check: str = ""  # the check function called, e.g. "check_cosine_beta_schedule"
 
 
 @dataclass
 class Problem:
     """An error in a cell that is not a check (it often explains a failed check below it)."""
 
-    cell: int  # 1-based
+    cell: int  # 1-based index, for tools (never shown to the learner)
     where: str  # the cell's first line of code
     message: str
+    section: str = ""  # the heading the cell is under ("" before the first heading)
+
+    @property
+    def place(self) -> str:
+        """Where the cell is, as the learner sees it."""
+        return cell_place(self.section, self.where)
 
 
 @dataclass
@@ -93,6 +109,72 @@ class NotebookResult:
 
     def counts(self) -> dict[str, int]:
         return {status: sum(e.status == status for e in self.exercises) for status in STATUSES}
+
+
+# ── Where a cell is: the headings it is under ────────────────────────────────────────
+
+
+def heading_name(text: str) -> str:
+    """A heading's text as the learner reads it: without backticks and ``$``, e.g.
+    ``Exercise 5 · `q_sample`: jump`` -> ``Exercise 5 · q_sample: jump``."""
+    return " ".join(text.replace("`", "").replace("$", "").split())
+
+
+def markdown_headings(source: str) -> list[tuple[int, str]]:
+    """(level, name) of each ``#`` heading in a Markdown cell (not those in fenced code)."""
+    found, fence = [], None
+    for line in source.splitlines():
+        opens = FENCE.match(line)
+        if opens:
+            marker = opens.group(1)
+            if fence is None:
+                fence = marker
+            elif marker[0] == fence[0] and len(marker) >= len(fence):
+                fence = None
+            continue
+        heading = HEADING.match(line) if fence is None else None
+        if heading:
+            found.append((len(heading.group(1)), heading_name(heading.group(2))))
+    return found
+
+
+@dataclass(frozen=True)
+class Section:
+    """The headings a cell is under."""
+
+    exercise: str = ""  # the enclosing section whose heading starts with "Exercise", if any
+    heading: str = ""  # the nearest heading above the cell (its innermost section)
+
+
+def cell_sections(nb) -> list[Section]:
+    """The :class:`Section` of every cell of ``nb``, by index.
+
+    A heading opens a section that lasts until the next heading of the same or a higher
+    level, so a check under ``### What you should see`` inside ``## Exercise 3 · ...``
+    belongs to exercise 3, and one under a later ``## Training for real`` to no exercise.
+    """
+    stack: list[tuple[int, str]] = []
+    sections = []
+    for cell in nb.cells:
+        exercise = next((name for _, name in reversed(stack) if EXERCISE_HEADING.match(name)), "")
+        sections.append(Section(exercise, stack[-1][1] if stack else ""))
+        if cell.cell_type == "markdown":
+            for level, name in markdown_headings(cell.source):
+                while stack and stack[-1][0] >= level:
+                    stack.pop()
+                stack.append((level, name))
+    return sections
+
+
+def cell_place(heading: str, first_line: str) -> str:
+    """e.g. ``under “Exercise 2 · The cosine schedule”, in the cell starting `def cos...```."""
+    where = f"in the cell starting `{first_line}`"
+    return f"under “{heading}”, {where}" if heading else where
+
+
+def _place(nb, index: int, sections: list[Section] | None = None) -> str:
+    sections = sections or cell_sections(nb)
+    return cell_place(sections[index].heading, _first_line(nb.cells[index].source))
 
 
 # ── Running a notebook ───────────────────────────────────────────────────────────────
@@ -209,8 +291,9 @@ def _run_cells(client: _GradingClient, run: Execution, kernel_log, cell_timeout:
                     run.stopped, run.out_of_time = "the notebook time limit was reached", index
                     return
                 if not _kernel_responds(client):
-                    run.stopped = (f"the kernel did not respond after cell {index + 1} was "
-                                   "interrupted, so the cells after it did not run")
+                    run.stopped = ("the kernel did not respond after the cell "
+                                   f"{_place(client.nb, index)} was interrupted, so the cells "
+                                   "after it did not run")
                     return
         client.set_widgets_metadata()  # progress bars keep their final state when saved
 
@@ -248,15 +331,26 @@ def _errors(cell) -> list:
     return [out for out in cell.get("outputs", []) if out.get("output_type") == "error"]
 
 
-def _location(error, cells_by_count: dict[int, int], nb, skip: int) -> str:
+@dataclass
+class _Notebook:
+    """An executed notebook with what reading its results needs."""
+
+    nb: object
+    run: Execution
+    cell_timeout: float
+    sections: list[Section]
+    cells_by_count: dict[int, int]  # execution count -> cell index
+    problems: list[Problem]
+
+
+def _location(error, book: _Notebook, skip: int) -> str:
     """Where in the learner's code (another cell than ``skip``) an error was raised."""
     frames = NOTEBOOK_FRAME.findall(ANSI.sub("", "\n".join(error.get("traceback", []))))
     for count, line, function in reversed(frames):
-        index = cells_by_count.get(int(count))
+        index = book.cells_by_count.get(int(count))
         if index is not None and index != skip:
             name = f", in {function}" if function else ""
-            return (f"\n(at cell {index + 1} `{_first_line(nb.cells[index].source)}`, "
-                    f"line {line}{name})")
+            return f"\n(raised {_place(book.nb, index, book.sections)}, line {line}{name})"
     return ""
 
 
@@ -270,68 +364,106 @@ def _error_message(error, index: int, run: Execution, cell_timeout: float) -> st
     return f"{error.get('ename', 'Error')}: {evalue}"
 
 
-def _check_results(nb, index: int, run: Execution, cell_timeout: float,
-                   cells_by_count: dict[int, int], problems: list[Problem]) -> list[Exercise]:
-    """The results of the check calls in code cell ``index``, in call order."""
-    cell = nb.cells[index]
-    calls = [name.removeprefix("check_") for name in CHECK_CALL.findall(cell.source)]
+def _known_names(check: str, section: Section) -> list[str]:
+    """The names a check may print for its exercise: the section heading, and the name
+    ``diffusion_checks`` gives it (the two agree in a course notebook)."""
+    known = [section.exercise, getattr(getattr(diffusion_checks, check, None), "exercise", "")]
+    return [name for name in dict.fromkeys(known) if isinstance(name, str) and name]
+
+
+def _split_name(text: str, known: list[str]) -> tuple[str, str] | None:
+    """(name, rest) when ``text`` is ``"<name>: <rest>"`` for one of the ``known`` names
+    (which may themselves hold ": "), else None."""
+    for name in sorted(known, key=len, reverse=True):
+        if text == name or text.startswith(name + ":"):
+            return name, text[len(name) + 1:].strip()
+    return None
+
+
+def _check_results(book: _Notebook, index: int) -> list[Exercise]:
+    """The results of the check calls in code cell ``index``, in call order.
+
+    A cell holding one check is named by its section's "Exercise" heading; otherwise (no
+    such heading, or several checks in one cell) each result is named by what its check
+    printed, else by the name ``diffusion_checks`` gives that check, else by the check's
+    function name without ``check_``.
+    """
+    cell, run, section = book.nb.cells[index], book.run, book.sections[index]
+    calls = CHECK_CALL.findall(cell.source)
+    heading = section.exercise if len(calls) == 1 else ""
+
+    def exercise(position: int, printed: str, status: str, detail: str) -> Exercise:
+        check = calls[position] if position < len(calls) else ""
+        fallback = getattr(getattr(diffusion_checks, check, None), "exercise", None)
+        if not isinstance(fallback, str) or not fallback:
+            fallback = check.removeprefix("check_") or "?"
+        return Exercise(heading or printed or fallback, status, detail, index + 1, check)
+
     found: list[Exercise] = []
     for line in cell_text(cell).splitlines():
         line = line.strip()
         for mark, status in ((PASSED_MARK, PASSED), (NOT_ATTEMPTED_MARK, NOT_ATTEMPTED)):
             if line.startswith(mark):
-                name, _, detail = line[len(mark):].strip().partition(": ")
-                found.append(Exercise(name or "?", status, detail, index + 1))
+                text = line[len(mark):].strip()
+                check = calls[len(found)] if len(found) < len(calls) else ""
+                printed, detail = (_split_name(text, _known_names(check, section))
+                                   or text.partition(": ")[::2])
+                found.append(exercise(len(found), printed, status, detail))
     errors = _errors(cell) or ([{"ename": TIMEOUT_ENAME}] if index in run.timed_out else [])
     if errors:  # the check that raised is the first one that reported nothing
-        fallback = calls[len(found)] if len(found) < len(calls) else "?"
-        name, hint = _failure(errors[0], fallback, nb, index, run, cell_timeout,
-                              cells_by_count, problems)
-        found.append(Exercise(name, FAILED, hint, index + 1))
+        check = calls[len(found)] if len(found) < len(calls) else ""
+        printed, hint = _failure(errors[0], _known_names(check, section), book, index)
+        found.append(exercise(len(found), printed, FAILED, hint))
     if index not in run.executed:
         status, reason = NOT_RUN, f"not checked: {run.stopped or 'the cell did not run'}"
     elif errors:
         status, reason = NOT_RUN, "this cell stopped at the error above before reaching this check"
     else:
         status, reason = FAILED, "the check printed no result"
-    found.extend(Exercise(name, status, reason, index + 1) for name in calls[len(found):])
+    found.extend(exercise(i, "", status, reason) for i in range(len(found), len(calls)))
     return found
 
 
-def _failure(error, fallback: str, nb, index: int, run: Execution, cell_timeout: float,
-             cells_by_count: dict[int, int], problems: list[Problem]) -> tuple[str, str]:
-    """(exercise name, hint) for the error a check cell raised."""
-    match = EXERCISE_PREFIX.match(error.get("evalue", ""))
-    if error.get("ename") == "AssertionError" and match:  # the check's "<exercise>: <hint>"
-        return match.group(1), match.group(2)
-    hint = _error_message(error, index, run, cell_timeout)
+def _failure(error, known: list[str], book: _Notebook, index: int) -> tuple[str, str]:
+    """(the exercise name the check gave, or "", hint) for the error a check cell raised."""
+    evalue = str(error.get("evalue", ""))
+    if error.get("ename") == "AssertionError":  # the check's "<exercise>: <hint>"
+        named = _split_name(evalue, known)
+        if named:
+            return named
+        match = ONE_WORD_PREFIX.match(evalue)
+        if match:
+            return match.group(1), match.group(2)
+    hint = _error_message(error, index, book.run, book.cell_timeout)
     if error.get("ename") in ("AssertionError", TIMEOUT_ENAME):
-        return fallback, hint
-    hint += _location(error, cells_by_count, nb, index)
-    earlier = [p for p in problems if p.cell < index + 1]
-    if earlier and "(at cell" not in hint:  # e.g. a NameError after a SyntaxError
-        hint += (f"\n(cell {earlier[-1].cell} above failed: "
-                 f"{shorten(earlier[-1].message, lines=1, chars=120)} — fix that first)")
-    return fallback, hint
+        return "", hint
+    location = _location(error, book, index)
+    earlier = [p for p in book.problems if p.cell < index + 1]
+    if earlier and not location:  # e.g. a NameError after a SyntaxError
+        location = (f"\n(an error above, {earlier[-1].place}, may be the cause: "
+                    f"{shorten(earlier[-1].message, lines=1, chars=120)} — fix that first)")
+    return "", hint + location
 
 
 def read_results(nb, run: Execution, path: str, *, cell_timeout: float = 300) -> NotebookResult:
     """Turn an executed notebook into one result per exercise, in notebook order."""
     result = NotebookResult(path=path, error=run.stopped, seconds=run.seconds)
-    cells_by_count = {cell.get("execution_count"): i for i, cell in enumerate(nb.cells)
-                      if cell.cell_type == "code" and cell.get("execution_count")}
+    book = _Notebook(nb, run, cell_timeout, cell_sections(nb),
+                     {cell.get("execution_count"): i for i, cell in enumerate(nb.cells)
+                      if cell.cell_type == "code" and cell.get("execution_count")},
+                     result.problems)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         if CHECK_CALL.search(cell.source):
-            result.exercises.extend(
-                _check_results(nb, index, run, cell_timeout, cells_by_count, result.problems))
+            result.exercises.extend(_check_results(book, index))
             continue
         for error in _errors(cell)[:1] or ([{}] if index in run.timed_out else []):
             if error.get("ename") == "NotImplementedError":
                 continue  # an exercise not attempted yet: its check says so
             result.problems.append(Problem(index + 1, _first_line(cell.source),
-                                           _error_message(error, index, run, cell_timeout)))
+                                           _error_message(error, index, run, cell_timeout),
+                                           book.sections[index].heading))
     return result
 
 
@@ -405,7 +537,7 @@ def _indent(text: str, prefix: str) -> str:
 def report(result: NotebookResult, style: _Style) -> str:
     """The human-readable report for one notebook."""
     lines = [style(f"━━ {result.path}", "bold") + style(f"  ({result.seconds:.1f} s)", "dim")]
-    width = max([len(e.name) for e in result.exercises] + [8])
+    width = min(max([len(e.name) for e in result.exercises] + [8]), 48)
     for ex in result.exercises:
         label = style(f"{SYMBOLS[ex.status]} {LABELS[ex.status]:<13}", ex.status)
         if ex.status == PASSED:
@@ -414,7 +546,7 @@ def report(result: NotebookResult, style: _Style) -> str:
         elif ex.status == NOT_ATTEMPTED:
             lines.append(f"  {label} {ex.name}")
         else:
-            lines.append(f"  {label} {ex.name}" + style(f"  (cell {ex.cell})", "dim"))
+            lines.append(f"  {label} {ex.name}")
             lines.append(_indent(shorten(ex.detail), "        "))
     if not result.exercises and not result.error:
         lines.append("  (no check_...() cells found in this notebook)")
@@ -422,7 +554,7 @@ def report(result: NotebookResult, style: _Style) -> str:
         lines.append("  Other cells that raised errors (these can cause failures above):")
         for problem in result.problems[:5]:
             message = shorten(problem.message, lines=2, chars=200)
-            lines.append(f"    cell {problem.cell} `{problem.where}`:")
+            lines.append(f"    {problem.place[0].upper()}{problem.place[1:]}:")
             lines.append(_indent(message, "        "))
         if len(result.problems) > 5:
             lines.append(f"    … and {len(result.problems) - 5} more")
@@ -467,14 +599,18 @@ def github_annotations(results: list[NotebookResult]) -> list[str]:
     def escape(text: str) -> str:
         return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
+    def escape_property(text: str) -> str:  # a name holds ":" and "," (property separators)
+        return escape(text).replace(":", "%3A").replace(",", "%2C")
+
     lines = []
     for result in results:
+        file = escape_property(result.path)
         for ex in result.exercises:
             if ex.status in (FAILED, NOT_RUN):
-                lines.append(f"::error file={result.path},title={escape(ex.name)} "
+                lines.append(f"::error file={file},title={escape_property(ex.name)} — "
                              f"{ex.status}::{escape(shorten(ex.detail, lines=3, chars=300))}")
         if result.error:
-            lines.append(f"::error file={result.path},title=notebook stopped early::"
+            lines.append(f"::error file={file},title=notebook stopped early::"
                          f"{escape(shorten(result.error, lines=2))}")
     return lines
 
@@ -486,7 +622,7 @@ def markdown_summary(results: list[NotebookResult]) -> str:
         for ex in result.exercises:
             hint = "" if ex.status == PASSED else shorten(ex.detail, lines=2, chars=200)
             hint = hint.replace("|", "\\|").replace("\n", "<br>")
-            rows.append(f"| {result.name} | `{ex.name}` | {SYMBOLS[ex.status]} "
+            rows.append(f"| {result.name} | {_markdown_text(ex.name)} | {SYMBOLS[ex.status]} "
                         f"{LABELS[ex.status]} | {hint} |")
         if result.error:
             rows.append(f"| {result.name} | | ✘ stopped early | "
@@ -494,6 +630,11 @@ def markdown_summary(results: list[NotebookResult]) -> str:
     lines = [summary_line(r) for r in results]
     return "## Exercise grades\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + \
         "\n".join(rows) + "\n"
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` shown literally in a Markdown table cell (``x_{t-1}``, ``a|b``, ``2*x``)."""
+    return re.sub(r"([\\`*_|<>\[\]])", r"\\\1", text)
 
 
 def to_json(results: list[NotebookResult], code: int) -> dict:
