@@ -338,10 +338,10 @@ def probe_device(fn, *args, what: str, expect_device_of: int | str | None = 0, *
     except (RuntimeError, NotImplementedError, TypeError):
         return None
     try:
-        out = call(fn, *moved_args, **moved_kwargs)
-    except _NotAttempted:
-        raise
+        out = fn(*moved_args, **moved_kwargs)
     except Exception as err:  # noqa: BLE001 (anything else only ends the probe)
+        # NotImplementedError included: code that already ran on the CPU is no stub; ``meta``
+        # has no kernel for some operations (torch.nonzero, boolean masks).
         if _is_device_error(err):
             fail(f"{what}: " + DEVICE_HINT.format(device=device.type)
                  + f" (PyTorch said: {str(err).splitlines()[0]})")
