@@ -24,6 +24,7 @@ can read a notebook's outputs. An exercise is named by its heading in the notebo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -32,6 +33,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PASSED_MARK = "✔ PASSED"
 NOT_ATTEMPTED_MARK = "○ NOT ATTEMPTED"
@@ -322,7 +324,33 @@ DEVICE_HINT = ("a tensor is created on the CPU inside your code while the inputs
                "runs on a GPU as well")
 
 
-def probe_device(fn, *args, what: str, expect_device_of: int | str | None = 0, **kwargs):
+class _MetaAsGPU(TorchDispatchMode):
+    """Let ``meta`` tensors stand in for a GPU's: a value read back to Python
+    (``int(t.min())``, ``loss.item()``) is 0 and a copy to the CPU holds zeros.
+
+    Without it the library's own ``du.extract`` (which checks the range of t) stops every
+    probe on ``meta`` before the learner's tensors meet; with it, code that mixes devices
+    fails on ``meta`` exactly where it would fail on a GPU.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        if (func is aten._to_copy.default and args[0].device.type == "meta"
+                and kwargs.get("device") is not None
+                and torch.device(kwargs["device"]).type != "meta"):
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype,
+                               device=kwargs["device"])
+        if (func is aten.copy_.default and args[1].device.type == "meta"
+                and args[0].device.type != "meta"):
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def probe_device(fn, *args, what: str, **kwargs):
     """Call ``fn`` with every argument on :func:`other_device` and check the result's device.
 
     Fails with :data:`DEVICE_HINT` when the call mixes devices or returns a tensor on another
@@ -338,7 +366,8 @@ def probe_device(fn, *args, what: str, expect_device_of: int | str | None = 0, *
     except (RuntimeError, NotImplementedError, TypeError):
         return None
     try:
-        out = fn(*moved_args, **moved_kwargs)
+        with _MetaAsGPU() if device.type == "meta" else contextlib.nullcontext():
+            out = fn(*moved_args, **moved_kwargs)
     except Exception as err:  # noqa: BLE001 (anything else only ends the probe)
         # NotImplementedError included: code that already ran on the CPU is no stub; ``meta``
         # has no kernel for some operations (torch.nonzero, boolean masks).

@@ -8,7 +8,6 @@ recomputed from those and compared with what the learner's code returned and did
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -17,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusion_utilities as du
 
@@ -30,39 +28,6 @@ from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK
 # ── 03 · Training and sampling ───────────────────────────────────────────────────────
 
 # ── Another device, also on a machine without a GPU ──────────────────────────────────
-
-
-class _MetaAsGPU(TorchDispatchMode):
-    """Let ``meta`` tensors stand in for a GPU's: a value read back to Python
-    (``int(t.min())``, ``loss.item()``) is 0 and a copy to the CPU holds zeros.
-
-    Without it the library's own ``du.extract`` (which checks the range of t) stops every
-    probe on ``meta`` before the learner's tensors meet; with it, code that mixes devices
-    fails on ``meta`` exactly where it would fail on a GPU.
-    """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        aten = torch.ops.aten
-        if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
-            dtype = args[0].dtype
-            return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
-        if (func is aten._to_copy.default and args[0].device.type == "meta"
-                and kwargs.get("device") is not None
-                and torch.device(kwargs["device"]).type != "meta"):
-            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype,
-                               device=kwargs["device"])
-        if (func is aten.copy_.default and args[1].device.type == "meta"
-                and args[0].device.type != "meta"):
-            return args[0]
-        return func(*args, **kwargs)
-
-
-def _probe(fn, *args, what: str, **kwargs):
-    """:func:`probe_device`, with ``meta`` standing in for a GPU where there is none."""
-    mode = _MetaAsGPU() if other_device().type == "meta" else contextlib.nullcontext()
-    with mode:
-        return probe_device(fn, *args, what=what, **kwargs)
 
 
 # ── The stand-in model ───────────────────────────────────────────────────────────────
@@ -384,7 +349,7 @@ def _check_drawn(fn) -> None:
         fail("with only eps given, x_t was not made with that eps: use the `eps` argument "
              "when it is given and draw only what is None")
     # tensors made on the CPU while x0 is elsewhere
-    _probe(fn, _RecordingModel(), x0[:8], schedule, what=what, labels=labels[:8])
+    probe_device(fn, _RecordingModel(), x0[:8], schedule, what=what, labels=labels[:8])
 
 
 # ── Exercise 4 · the reverse step ────────────────────────────────────────────────────
@@ -516,7 +481,7 @@ def check_ddpm_step(fn) -> str:
     compare(out, expected, {}, what="x_(t-1) at t = 0 with noise=None",
             term_hint="at t = 0 the step returns the mean: no noise is added (σ_0 = 0)")
     _check_drawn_noise(fn, schedule)
-    _probe(fn, model_eps, xt, t, schedule, what="ddpm_step with noise=None", noise=None)
+    probe_device(fn, model_eps, xt, t, schedule, what="ddpm_step with noise=None", noise=None)
     return "the reverse step matches DDPM eq. 11 / Algorithm 2, with no noise at t = 0"
 
 
@@ -907,7 +872,7 @@ def check_train_step(fn) -> str:
     _Run(fn, autocast=True).step()
     device = other_device()
     model = _RecordingModel(seed=1).to(device)
-    _probe(fn, model, torch.optim.SGD(model.parameters(), lr=0.1), plain.x0[:8],
+    probe_device(fn, model, torch.optim.SGD(model.parameters(), lr=0.1), plain.x0[:8],
            plain.schedule, what="train_step", labels=plain.labels[:8])
     return ("zero_grad, loss, backward, clip, step, then the scheduler and the EMA; autocast "
             "when asked; the loss returned as a float")

@@ -628,11 +628,11 @@ def test_q_sample_t_plus_one_at_the_last_step_is_named():
                              torch.zeros(2, 1, 2, 2), du.NoiseSchedule.create("cosine", 10))
 
 
-def test_the_device_probe_runs_code_that_indexes_and_is_inconclusive_on_du_extract():
+def test_the_device_probe_runs_code_that_indexes_or_uses_du_extract():
     """On a machine without a GPU the probe uses `meta`: the learner's indexing runs there and
-    its result is on meta; du.extract reads t's values (inconclusive, not a failure)."""
+    its result is on meta; du.extract reads t's values, which read as 0 there, so it runs too."""
     schedule = du.NoiseSchedule.create("cosine", 10)
     x0, t = torch.zeros(2, 1, 2, 2), torch.tensor([0, 9])
-    out = dc.probe_device(q_sample_index_select, x0, t, x0, schedule, what="q_sample")
-    assert out is not None and out.device == dc.other_device()
-    assert dc.probe_device(q_sample_extract, x0, t, x0, schedule, what="q_sample") is None
+    for fn in (q_sample_index_select, q_sample_extract):
+        out = dc.probe_device(fn, x0, t, x0, schedule, what="q_sample")
+        assert out is not None and out.device == dc.other_device()
