@@ -11,21 +11,42 @@ name                    symbol    meaning
 ======================  ========  ==========================================================
 ``T``                   T         number of diffusion steps
 ``t``                   t         integer timesteps, shape ``(B,)``, 0-indexed in [0, T):
-                                  ``t = 0`` is the first noising step (one step of noise)
+                                  ``t = 0`` is the first noising step (one step of noise);
+                                  the papers' step t + 1 (see below)
 ``betas``               β_t       variance of the noise added at step t, shape ``(T,)``
 ``alphas``              α_t       1 - β_t
-``alpha_bars``          ᾱ_t       ∏_{s<=t} α_s, the fraction of signal variance left after
-                                  step t. NB: the DDIM paper (Song et al. 2021) writes α_t
-                                  for our ᾱ_t.
+``alpha_bars``          ᾱ_t       ∏_{s<=t} α_s, the fraction of the signal's variance left
+                                  after step t (its amplitude is sqrt(ᾱ_t)). NB: the DDIM
+                                  paper (Song et al. 2021) writes α_t for our ᾱ_t.
 ``alpha_bar_t``         ᾱ_t       ᾱ at the batch's timesteps, broadcast to ``(B, 1, 1, 1)``
 ``alpha_bar_prev``      ᾱ_{t-1}   ᾱ one step earlier; 1 for t = 0 (nothing before step 0)
 ``x0``                  x_0       clean image, ``(B, C, H, W)``, pixel values in [-1, 1]
-``xt``                  x_t       noised image at step t
+``xt``                  x_t       noised image after step t (at t = 0: one step of noise;
+                                  x_0 always means the clean image)
 ``eps``                 ε         standard Gaussian noise, same shape as ``x0``
 ``posterior_variance``  β̃_t       variance of q(x_{t-1} | x_t, x_0):
                                   β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)
-``snr``, ``log_snr``    SNR_t     ᾱ_t / (1 - ᾱ_t) and its logarithm
+``snr``, ``log_snr``    SNR_t     ᾱ_t / (1 - ᾱ_t) and its logarithm: the ratio of the
+                                  signal's variance to the noise's in x_t for data of unit
+                                  variance (data of variance σ² give σ² · SNR_t)
 ======================  ========  ==========================================================
+
+Timesteps here and in the papers. The papers (DDPM and those after it) number the steps
+1, ..., T; the course numbers them 0, ..., T-1, as improved-diffusion does, so
+**the papers' t = our t + 1**. Symbols carry our index, and each formula keeps the papers'
+form with every subscript lowered by one:
+
+=============================================  ======================
+this course (code, docstrings, lessons)        the papers
+=============================================  ======================
+step ``t`` = 0, ..., T-1                       step t + 1 = 1, ..., T
+β_t = ``betas[t]``, α_t = ``alphas[t]``        β_{t+1}, α_{t+1}
+ᾱ_t = ``alpha_bars[t]``                        ᾱ_{t+1}
+ᾱ_{t-1} = ``alpha_bar_prev[t]`` (1 at t = 0)   ᾱ_t (ᾱ_0 = 1)
+x_0 = ``x0``, the clean image                  x_0
+x_t = ``xt``, the image after step t           x_{t+1}
+x_{T-1}, after the last step: pure noise       x_T
+=============================================  ======================
 
 Schedules are computed in float64 and stored in float32. A schedule is an explicit
 object passed as an argument — never a global.
@@ -443,11 +464,14 @@ def _display_array(images) -> np.ndarray:
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
 
 
-def show_images(images, *, captions=None, nrow: int = 8, title: str | None = None, figsize=None):
+def show_images(images, *, captions=None, nrow: int = 8, title: str | None = None, figsize=None,
+                row_labels=None, fontsize: float = 8):
     """Draw a grid of images, ``nrow`` per row, each with its (wrapped) caption underneath.
 
-    ``images``: uint8 (N, 3, H, W) or float in [-1, 1], on any device. Returns the matplotlib
-    Figure (in a notebook, end the line with ``;`` so it is not drawn twice).
+    ``images``: uint8 (N, 3, H, W) or float in [-1, 1], on any device. ``row_labels``: one
+    label per row, written left of it (which schedule, which step, ...). ``fontsize``: the
+    captions' size in points. Returns the matplotlib Figure (in a notebook, end the line
+    with ``;`` so it is not drawn twice).
     """
     import matplotlib.pyplot as plt
 
@@ -459,17 +483,24 @@ def show_images(images, *, captions=None, nrow: int = 8, title: str | None = Non
         raise ValueError(f"expected one caption per image ({n}), got {len(captions)}")
     lines = [textwrap.wrap(str(c), width=20)[:4] for c in captions] if captions is not None else [[]] * n
     ncols, nrows = min(nrow, n), math.ceil(n / min(nrow, n))
-    panel, caption_h, title_h = 1.3, 0.14 * max(len(w) for w in lines) + 0.05, 0.35 if title else 0.05
-    width, height = figsize or (ncols * panel, nrows * (panel + caption_h) + title_h)
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ValueError(f"expected one row label per row ({nrows}), got {len(row_labels)}")
+    panel, title_h = 1.3, 0.35 if title else 0.05
+    caption_h = fontsize / 50 * max(len(w) for w in lines) + 0.05
+    label_w = 0.1 * max(len(str(r)) for r in row_labels) + 0.2 if row_labels is not None else 0.0
+    width, height = figsize or (ncols * panel + label_w, nrows * (panel + caption_h) + title_h)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - title_h / height, bottom=caption_h / height,
-                        wspace=0.06, hspace=caption_h / panel)
+    fig.subplots_adjust(left=0.01 + label_w / width, right=0.99, top=1 - title_h / height,
+                        bottom=caption_h / height, wspace=0.06, hspace=caption_h / panel)
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i < n:
             ax.imshow(pixels[i], interpolation="nearest")
             ax.text(0.5, -0.03, "\n".join(lines[i]), transform=ax.transAxes, ha="center", va="top",
-                    fontsize=6.5, linespacing=1.05)
+                    fontsize=fontsize, linespacing=1.05)
+    for label, ax in zip(row_labels or [], axes[:, 0]):
+        ax.text(-0.08, 0.5, str(label), transform=ax.transAxes, ha="right", va="center",
+                fontsize=fontsize + 2)
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.08 / height)
     return fig
@@ -551,8 +582,8 @@ def linear_beta_schedule(T: int, *, beta_start: float = 1e-4, beta_end: float = 
 
     DDPM (Ho et al. 2020, section 4) uses β from 1e-4 to 0.02 with T = 1000. As in
     improved-diffusion, both ends are scaled by 1000 / T, so that any T gives a comparable
-    process (fewer, larger steps for a small T; the same total noise). Hence T must be large
-    enough that ``beta_end * 1000 / T`` stays below 1.
+    process (fewer, larger steps for a small T; the same sum of betas, so nearly the same ᾱ
+    against t / T). Hence T must be large enough that ``beta_end * 1000 / T`` stays below 1.
     """
     T = _check_num_steps(T)
     scale = 1000.0 / T
@@ -569,8 +600,9 @@ def cosine_beta_schedule(T: int, *, s: float = 0.008, max_beta: float = 0.999) -
     ᾱ(t) = f(t) / f(0),   f(t) = cos²( (t/T + s) / (1 + s) · π/2 ),   t = 0, 1, ..., T
     β_t  = min(1 - ᾱ(t+1) / ᾱ(t), max_beta)
     (Improved DDPM, Nichol & Dhariwal 2021, eq. 17 and the clipping to 0.999 below it.)
-    The offset ``s`` keeps the first betas from being vanishingly small; the clipping
-    avoids β = 1 (ᾱ = 0) at the very end.
+    On this grid ᾱ(t) is the papers' ᾱ_t, so our ``alpha_bars[t]`` = ᾱ(t+1). The offset ``s``
+    keeps the first betas from being vanishingly small (with s = 0.008, sqrt(β_0) is just
+    below one pixel level, 1/127.5); the clipping avoids β = 1 (ᾱ = 0) at the very end.
     """
     T = _check_num_steps(T)
     if not (s >= 0 and 0 < max_beta <= 1):
@@ -621,7 +653,8 @@ def alpha_bars_from_betas(betas: Tensor) -> Tensor:
     """ᾱ_t = ∏_{s<=t} (1 - β_s)   (DDPM, Ho et al. 2020, notation above eq. 4), shape ``(T,)``.
 
     ``alpha_bars[t]`` is the fraction of the signal's variance left after step t (0-indexed:
-    ``alpha_bars[0] = 1 - betas[0]``). Dtype and device follow ``betas``.
+    ``alpha_bars[0] = 1 - betas[0]``; the papers' ᾱ_{t+1}); the signal's amplitude is its
+    square root. Dtype and device follow ``betas``.
     """
     if not isinstance(betas, Tensor) or betas.ndim != 1:
         got = tuple(betas.shape) if isinstance(betas, Tensor) else type(betas).__name__
@@ -634,7 +667,8 @@ class NoiseSchedule:
     """Everything the forward process needs, one value per timestep: each field has shape ``(T,)``.
 
     Computed in float64 and stored in float32. Index with integer timesteps t in [0, T),
-    ``t = 0`` being one step of noise; use :func:`extract` to broadcast over a batch.
+    ``t = 0`` being one step of noise (the papers' step t + 1: see the notation at the top);
+    use :func:`extract` to broadcast over a batch.
     The posterior fields describe q(x_{t-1} | x_t, x_0) (DDPM, Ho et al. 2020, eqs. 6-7):
     mean = posterior_mean_coef_x0 · x_0 + posterior_mean_coef_xt · x_t, variance
     posterior_variance (β̃_t, which is 0 at t = 0; its log is clipped there, as in
@@ -644,7 +678,7 @@ class NoiseSchedule:
     betas: Tensor                           # β_t
     alphas: Tensor                          # α_t = 1 - β_t
     alpha_bars: Tensor                      # ᾱ_t
-    alpha_bar_prev: Tensor                  # ᾱ_{t-1}, with ᾱ_{-1} = 1
+    alpha_bar_prev: Tensor                  # ᾱ_{t-1}, with ᾱ_{-1} = 1 (the papers' ᾱ_t)
     posterior_variance: Tensor              # β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)
     posterior_log_variance_clipped: Tensor  # log β̃_t, with β̃_0 replaced by β̃_1
     posterior_mean_coef_x0: Tensor          # β_t sqrt(ᾱ_{t-1}) / (1 - ᾱ_t)
@@ -718,7 +752,11 @@ class NoiseSchedule:
 
 
 def snr(schedule: NoiseSchedule) -> Tensor:
-    """SNR_t = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio of x_t, shape ``(T,)``."""
+    """SNR_t = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio of x_t, shape ``(T,)``.
+
+    It is the ratio of the signal's variance to the noise's in x_t when the data have unit
+    variance; data of variance σ² give σ² · SNR_t (the shapes' pixels: σ² ≈ 0.53).
+    """
     return schedule.alpha_bars / (1.0 - schedule.alpha_bars)
 
 
@@ -782,13 +820,18 @@ def q_posterior_mean_variance(x0: Tensor, xt: Tensor, t: Tensor,
 
 
 # ── 02 · UNet ────────────────────────────────────────────────────────────────────────
-# One UNet serves every later lesson: pixels (03), class labels (04), a context sequence
-# through cross-attention (06-08) and VAE latents (07). Blocks first, then the model,
-# then the one switch that makes it fast on this machine.
+# One UNet serves every later lesson: pixels (03), class labels and a context sequence
+# through cross-attention (04, reused in 06-08) and VAE latents (07). Blocks first, then
+# the model, then the one call that measures how to run it fastest on this machine.
 
 import contextlib  # noqa: E402  (this lesson's imports, kept with its section)
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
+import time  # noqa: E402
 from typing import Callable, ContextManager  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -1013,22 +1056,31 @@ class UNetConfig:
 
 class UNetLevel(nn.Module):
     """The blocks at one resolution: ``num_blocks`` ResBlocks, each followed by
-    self-attention (and cross-attention to the context, if any) when ``attention``."""
+    self-attention (and cross-attention to the context, if any) when ``attention``.
+
+    ``res_block`` and ``attention_block`` are the classes to build them from (the
+    library's by default; a lesson passes the learner's own, with the same signatures).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, config: UNetConfig, *, num_blocks: int,
-                 attention: bool, skip_channels: int = 0):
+                 attention: bool, skip_channels: int = 0, res_block=ResBlock,
+                 attention_block=SelfAttention):
         super().__init__()
         self.in_channels, self.skip_channels = in_ch, skip_channels
         kw = dict(heads=config.heads, groups=config.groups)
-        layers = []
+        layers, kinds = [], []        # kinds says how to call each layer: "res", "self", "cross"
         for i in range(num_blocks):
-            layers.append(ResBlock(in_ch if i == 0 else out_ch, out_ch, config.time_dim,
-                                   groups=config.groups, dropout=config.dropout))
+            layers.append(res_block(in_ch if i == 0 else out_ch, out_ch, config.time_dim,
+                                    groups=config.groups, dropout=config.dropout))
+            kinds.append("res")
             if attention:
-                layers.append(SelfAttention(out_ch, **kw))
+                layers.append(attention_block(out_ch, **kw))
+                kinds.append("self")
                 if config.context_dim is not None:
                     layers.append(CrossAttention(out_ch, config.context_dim, **kw))
+                    kinds.append("cross")
         self.layers = nn.ModuleList(layers)
+        self.kinds = tuple(kinds)
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None = None,
                 context_mask: Tensor | None = None) -> Tensor:
@@ -1037,10 +1089,10 @@ class UNetLevel(nn.Module):
                     f"{self.skip_channels} channels" if self.skip_channels else "")
             raise ValueError(f"UNetLevel expected a feature map with {self.in_channels} "
                              f"channels, got {h.shape[1]}{hint}")
-        for layer in self.layers:
-            if isinstance(layer, ResBlock):
+        for kind, layer in zip(self.kinds, self.layers):
+            if kind == "res":
                 h = layer(h, emb)
-            elif isinstance(layer, CrossAttention):
+            elif kind == "cross":
                 h = layer(h, context, context_mask)
             else:
                 h = layer(h)
@@ -1060,11 +1112,24 @@ class UNet(nn.Module):
     ``t`` ``(B,)``, ``labels`` ``(B,)`` integers in [0, num_classes] (num_classes = "no label",
     for classifier-free guidance), ``context`` ``(B, L, context_dim)``, ``context_mask``
     ``(B, L)`` bool (True = real token).
+
+    ``res_block``, ``attention`` and ``time_embedding`` are what the UNet is built from: by
+    default the library's :class:`ResBlock`, :class:`SelfAttention` and
+    :func:`sinusoidal_embedding`; anything with the same signatures (lesson 02 passes the
+    learner's own) builds a UNet with the same parameter names, so checkpoints load into it.
     """
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, *, res_block=ResBlock, attention=SelfAttention,
+                 time_embedding=sinusoidal_embedding):
         super().__init__()
+        for name, value in [("res_block", res_block), ("attention", attention),
+                            ("time_embedding", time_embedding)]:
+            if not callable(value):
+                raise ValueError(f"UNet expected {name} to be a class or function, got "
+                                 f"{type(value).__name__}")
         self.config = c = config
+        self.time_embedding = time_embedding              # t (B,) -> (B, base_channels)
+        blocks = dict(res_block=res_block, attention_block=attention)
         chans = [c.base_channels * m for m in c.channel_mults]
         sizes = [c.image_size // 2**i for i in range(len(chans))]
         self.time_mlp = nn.Sequential(nn.Linear(c.base_channels, c.time_dim), nn.SiLU(),
@@ -1076,16 +1141,17 @@ class UNet(nn.Module):
         ch = chans[0]
         for i, (out_ch, size) in enumerate(zip(chans, sizes)):
             attn = size in c.attention_resolutions
-            self.down.append(UNetLevel(ch, out_ch, c, num_blocks=c.num_res_blocks, attention=attn))
+            self.down.append(UNetLevel(ch, out_ch, c, num_blocks=c.num_res_blocks,
+                                       attention=attn, **blocks))
             last = i == len(chans) - 1
             self.downsample.append(nn.Identity() if last else Downsample(out_ch))
             ch = out_ch
-        self.middle = UNetLevel(ch, ch, c, num_blocks=1, attention=True)
+        self.middle = UNetLevel(ch, ch, c, num_blocks=1, attention=True, **blocks)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(chans))):
             attn = sizes[i] in c.attention_resolutions
             self.up.append(UNetLevel(ch + chans[i], chans[i], c, num_blocks=c.num_res_blocks,
-                                     attention=attn, skip_channels=chans[i]))
+                                     attention=attn, skip_channels=chans[i], **blocks))
             self.upsample.append(nn.Identity() if i == 0 else Upsample(chans[i]))
             ch = chans[i]
         self.out = nn.Sequential(nn.GroupNorm(c.groups, ch), nn.SiLU(),
@@ -1093,7 +1159,7 @@ class UNet(nn.Module):
 
     def embed(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Time embedding (+ class embedding): ``(B,) -> (B, time_dim)``."""
-        emb = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
+        emb = self.time_mlp(self.time_embedding(t, self.config.base_channels))
         if self.class_emb is not None:
             if labels is None:
                 raise ValueError(f"UNet.embed: this UNet has a class embedding (num_classes="
@@ -1175,41 +1241,273 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _x86_cpu() -> bool:
-    """Whether this is an x86-64 CPU (Intel or AMD), where oneDNN's convolutions run fastest
-    on channels_last tensors."""
-    return platform.machine().lower() in ("x86_64", "amd64")
+# The fast path: measured on this machine, not guessed from its CPU family.
+
+FAST_MODES = ("float32", "float32_channels_last", "bfloat16", "bfloat16_channels_last")
+FAST_SETUP_CACHE = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                    / "diffusion-course" / "fast_setup.json")
+_FAST_MEASURED: dict[str, "FastChoice"] = {}   # this process's measurements, by _fast_key
+_FAST_ON_DEVICE: dict[str, str] = {}           # device type -> the mode fast_setup last chose
+_FAST_WORDS = {"float32": "float32", "float32_channels_last": "float32, channels_last",
+               "bfloat16": "bfloat16 autocast",
+               "bfloat16_channels_last": "bfloat16 autocast, channels_last"}
 
 
-def _bf16_is_fast(device) -> bool:
-    """Whether bfloat16 autocast speeds ``device`` up (on a CUDA GPU that supports it;
-    never on a CPU, where it measured slower than float32: see :func:`fast_setup`)."""
+@dataclass
+class FastChoice:
+    """How :func:`fast_setup` runs a model, and why.
+
+    ``mode``: one of :data:`FAST_MODES`. ``seconds``: the best time of one training pass
+    (forward + backward of ``batch`` images) for each mode measured. ``source``: "measured",
+    "cached" (an earlier measurement), "forced" (``mode=``), "off" (``measure=False``) or
+    "default" (nothing measured: another device, a model it cannot feed, or a machine too busy
+    to time even one pass per mode). ``measure_s``: how long measuring took.
+    """
+
+    mode: str
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    source: str = "default"
+    batch: int = 0
+    measure_s: float = 0.0
+
+    @property
+    def bf16(self) -> bool:
+        return self.mode.startswith("bfloat16")
+
+    @property
+    def channels_last(self) -> bool:
+        return self.mode.endswith("channels_last")
+
+    def describe(self) -> str:
+        """One line: the mode, and its training speed against float32 when measured."""
+        words = _FAST_WORDS[self.mode]
+        if self.mode not in self.seconds or "float32" not in self.seconds:
+            return f"{words} ({self.source})"
+        ratio = self.seconds["float32"] / self.seconds[self.mode]
+        when = "measured just now" if self.source == "measured" else "measured earlier"
+        return (f"{words}: {ratio:.2f}x float32's training speed ({when}, in "
+                f"{self.measure_s:.1f} s at batch {self.batch})")
+
+
+def _bf16_possible(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def _fast_candidates(device: torch.device) -> tuple[str, ...]:
+    """The modes measured on ``device``: a CPU or a CUDA GPU (bfloat16 where it supports it);
+    elsewhere (Apple's MPS, ...) none is measured."""
+    if device.type not in ("cpu", "cuda"):
+        return FAST_MODES[:1]
+    return FAST_MODES if _bf16_possible(device) else FAST_MODES[:2]
+
+
+def _fast_default(device) -> str:
+    """The mode kept unless another measures clearly faster: bfloat16 on a CUDA GPU that
+    supports it, float32 anywhere else."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if device.type == "cuda" and _bf16_possible(device) else "float32"
 
 
-def fast_setup(model: nn.Module) -> tuple[nn.Module, Callable[[], ContextManager]]:
-    """Make ``model`` fast where that is safe: returns ``(model, autocast)``.
+def _bf16_is_fast(device, model: nn.Module | None = None) -> bool:
+    """Whether to run ``model`` on ``device`` in bfloat16 autocast: what :func:`fast_setup`
+    chose for ``model``, else what it last chose on this device (measured, cached or forced),
+    else the conservative default: only on a CUDA GPU that supports bfloat16."""
+    device = torch.device(device)
+    choice = getattr(model, "fast_choice", None)
+    if isinstance(choice, FastChoice):
+        return choice.bf16
+    if device.type in _FAST_ON_DEVICE:
+        return _FAST_ON_DEVICE[device.type].startswith("bfloat16")
+    return _fast_default(device) == "bfloat16"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _example_inputs(model: nn.Module, batch: int, device) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` for timing a :class:`UNet`: random images and timesteps (and labels
+    and a context when it takes them); None for any other model."""
+    if not isinstance(model, UNet):
+        return None
+    c, g = model.config, torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    kwargs = {}
+    if c.num_classes is not None:
+        kwargs["labels"] = torch.randint(0, c.num_classes + 1, (batch,), generator=g)
+    if c.context_dim is not None:
+        kwargs["context"] = torch.randn(batch, 8, c.context_dim, generator=g)
+    return (x.to(device), t.to(device)), {k: v.to(device) for k, v in kwargs.items()}
+
+
+def _fast_key(model: nn.Module, device: torch.device, args: tuple, kwargs: dict) -> str:
+    """What a measurement depends on: device, CPU threads, torch, the layers, input shapes."""
+    shapes = [tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+    layers = hashlib.sha256(f"{model!r} {shapes}".encode()).hexdigest()[:16]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return (f"{device.type}: {where} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__} | model {layers}")
+
+
+def _pass_seconds(net: nn.Module, bf16: bool, args: tuple, kwargs: dict) -> float:
+    """Seconds for one forward + backward pass of ``net`` (in bfloat16 autocast if ``bf16``)."""
+    device = next(net.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    sync(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = net(*args, **kwargs)
+    loss = (out if isinstance(out, Tensor) else out[0]).float().square().mean()
+    if loss.requires_grad:
+        loss.backward()
+    sync(device)
+    seconds = time.perf_counter() - start
+    net.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _time_modes(model: nn.Module, modes, args: tuple, kwargs: dict, *,
+                budget_s: float, rounds: int = 3) -> dict[str, float]:
+    """The best time of one training pass per mode, on copies of ``model``. A warm-up round
+    first (kernels picked, memory allocated), then timed rounds that take the modes in turns,
+    so a busy machine slows them alike, until ``budget_s`` is spent. On a machine so busy
+    that 3 x ``budget_s`` pass first, it stops there: a mode not yet timed is left out, as
+    is a mode that fails (an operation without a bfloat16 kernel, say)."""
+    nets = {False: copy.deepcopy(model).train()}
+    nets[True] = copy.deepcopy(nets[False]).to(memory_format=torch.channels_last)
+    best = dict.fromkeys(modes, math.inf)
+    start = time.perf_counter()
+    for round_ in range(rounds + 1):                  # round 0 is the warm-up
+        for mode in list(best):
+            if time.perf_counter() - start > 3 * budget_s:
+                return {mode: seconds for mode, seconds in best.items() if seconds < math.inf}
+            choice = FastChoice(mode)
+            try:
+                seconds = _pass_seconds(nets[choice.channels_last], choice.bf16, args, kwargs)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                del best[mode]
+                continue
+            if round_:
+                best[mode] = min(best[mode], seconds)
+        if round_ and time.perf_counter() - start > budget_s:
+            break
+    return {mode: seconds for mode, seconds in best.items() if seconds < math.inf}
+
+
+def _read_fast_cache(key: str) -> FastChoice | None:
+    try:
+        choice = FastChoice(**json.loads(FAST_SETUP_CACHE.read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return choice if choice.mode in FAST_MODES else None
+
+
+def _write_fast_cache(key: str, choice: FastChoice) -> None:
+    """Add ``choice`` to the cache file (written under a temporary name, then renamed);
+    a cache that cannot be written is skipped."""
+    path = FAST_SETUP_CACHE
+    try:
+        entries = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries = entries if isinstance(entries, dict) else {}
+    entries[key] = dataclasses.asdict(choice)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+def _measured_choice(model: nn.Module, device: torch.device, *, cache: bool, batch,
+                     budget_s: float, inputs) -> FastChoice:
+    """Measure the candidate modes (or find an earlier measurement) and pick one: the
+    default unless another mode is at least 5% faster."""
+    modes, default = _fast_candidates(device), _fast_default(device)
+    batch = batch or (32 if device.type == "cuda" else 4)
+    example = (_example_inputs(model, batch, device) if inputs is None else
+               (tuple(v.to(device) if isinstance(v, Tensor) else v for v in inputs), {}))
+    if len(modes) == 1 or example is None:
+        return FastChoice(default)
+    key = _fast_key(model, device, *example)
+    earlier = (_FAST_MEASURED.get(key) or _read_fast_cache(key)) if cache else None
+    if earlier is not None:
+        return dataclasses.replace(earlier, source="cached")
+    start = time.perf_counter()
+    rng_devices = ([torch.cuda.current_device() if device.index is None else device.index]
+                   if device.type == "cuda" else [])
+    with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
+        seconds = _time_modes(model, modes, *example, budget_s=budget_s)
+    if not seconds:
+        return FastChoice(default)
+    fastest = min(seconds, key=seconds.get)
+    keep = default in seconds and seconds[fastest] > 0.95 * seconds[default]
+    choice = FastChoice(default if keep else fastest, seconds, "measured",
+                        len(example[0][0]), time.perf_counter() - start)
+    _FAST_MEASURED[key] = choice
+    if cache:
+        _write_fast_cache(key, choice)
+    return choice
+
+
+def fast_setup(model: nn.Module, *, measure: bool = True, mode: str | None = None,
+               cache: bool = True, batch: int | None = None, budget_s: float = 2.0,
+               inputs: tuple | None = None) -> tuple[nn.Module, Callable[[], ContextManager]]:
+    """Run ``model`` the fastest way measured on this machine: returns ``(model, autocast)``.
 
     Wrap forward passes (and the loss) in ``with autocast():``; call ``backward`` outside.
-    Chosen by measuring this course's UNets (``benchmarks/bench_unet.py --variants``):
-    - CUDA with bfloat16 support: bf16 autocast — convolutions and matrix products run in
-      bfloat16 on the tensor cores while the weights, the optimiser and the UNet's output
-      stay float32;
-    - an x86-64 CPU: float32 with the weights in channels_last memory layout, which
-      oneDNN's convolutions read without reordering (about 1.07x faster training and
-      1.1x faster sampling on the course's 2-core server). bf16 autocast is *not* used on
-      a CPU: even with AVX512-BF16 it trained these UNets at only 0.68x the float32 speed
-      (casts between the dtypes and slow bfloat16 convolution backward passes);
-    - anything else (Apple silicon, MPS, other CPUs): the model unchanged, plain float32.
-    None of these changes what the model computes beyond float rounding.
+    The candidates, :data:`FAST_MODES`, compute the same function up to float rounding:
+    float32 in the default (NCHW) memory layout; float32 with the weights in channels_last
+    layout, which the convolution libraries read without reordering; and bfloat16 autocast
+    (convolutions and matrix products in bfloat16; weights, optimiser and the UNet's output
+    stay float32), in either layout. Which is fastest depends on the machine, not only on
+    its CPU family: on one x86 server with AVX512-BF16 bfloat16 autocast trained lesson 03's
+    UNet 1.57x faster than float32, on another 0.65x as fast. So this measures: on copies of
+    ``model``, a warm-up and a few timed forward + backward passes per mode (``batch``
+    images: 4 on a CPU, 32 on a GPU; about ``budget_s`` seconds in all), and keeps the
+    default (float32, or bfloat16 on a CUDA GPU that supports it) unless another mode is
+    at least 5% faster. Other devices (Apple's MPS) keep float32 without measuring.
+
+    The choice is remembered for this process and, with ``cache``, in the JSON file
+    :data:`FAST_SETUP_CACHE`, keyed by the device, the CPU and its threads, torch's version
+    and the model's layers, so a later call takes no time; ``cache=False`` measures again.
+    ``measure=False``: plain float32, the model's weights and layout untouched.
+    ``mode=``: one of :data:`FAST_MODES`, without measuring. ``inputs``: the positional
+    inputs of one forward pass, to measure a model other than a :class:`UNet` (which is fed
+    random images and timesteps); such a model gets the default without them.
+    The choice is kept as ``model.fast_choice`` (a :class:`FastChoice`: the mode, the seconds
+    per mode, where it came from); :func:`train` and :func:`ddpm_sample` follow it by default.
+    Measuring draws nothing from the global random generators.
     """
     device = next(model.parameters()).device
-    if _bf16_is_fast(device):
-        return model, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    if device.type == "cpu" and _x86_cpu():
-        return model.to(memory_format=torch.channels_last), contextlib.nullcontext
-    return model, contextlib.nullcontext
+    if mode is not None:
+        if mode not in FAST_MODES or (mode.startswith("bfloat16") and not _bf16_possible(device)):
+            raise ValueError(f"fast_setup: mode must be one of {FAST_MODES} (bfloat16 only "
+                             f"on a CPU or a CUDA GPU that supports it), got {mode!r} on {device}")
+        choice = FastChoice(mode, source="forced")
+    elif not measure:
+        choice = FastChoice("float32", source="off")
+    else:
+        choice = _measured_choice(model, device, cache=cache, batch=batch, budget_s=budget_s,
+                                  inputs=inputs)
+    if choice.source in ("measured", "cached", "forced"):
+        _FAST_ON_DEVICE[device.type] = choice.mode
+    model.fast_choice = choice
+    if choice.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+                if choice.bf16 else contextlib.nullcontext)
+    return model, autocast
 
 
 # ── 03 · Training and sampling ───────────────────────────────────────────────────────
@@ -1220,11 +1518,56 @@ def fast_setup(model: nn.Module) -> tuple[nn.Module, Callable[[], ContextManager
 import copy  # noqa: E402  (this lesson's imports, kept with its section)
 import functools  # noqa: E402
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from tqdm.auto import tqdm as _tqdm_auto  # noqa: E402
+from tqdm.std import tqdm as _tqdm_text  # noqa: E402
+
+# Progress bars: a live widget in Jupyter, a live text bar in a terminal, one final line in
+# a notebook executed by a program (there a widget would be stored as its first frame, 0 %).
+
+
+def _kernel_without_frontend() -> bool:
+    """True in a Jupyter kernel whose current cell was sent by a program, not a person.
+
+    Frontends (JupyterLab, Notebook, VS Code, Colab) send cells with ``allow_stdin=True``
+    so that ``input()`` works; nbclient, nbval and papermill send ``allow_stdin=False``.
+    """
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return False  # a terminal or a plain IPython shell
+    content = (kernel.get_parent() or {}).get("content", {})
+    return "allow_stdin" in content and not content["allow_stdin"]
+
+
+class _FinalLineBar(_tqdm_text):
+    """A text bar that draws nothing while it runs and prints its final state on closing."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("ascii", False)  # the █ bar, as a terminal would draw it
+        super().__init__(*args, file=io.StringIO(), mininterval=float("inf"), **kwargs)
+
+    def close(self):
+        if not self.disable:  # tqdm sets disable once closed: printed once
+            print(self, file=sys.stdout)
+        super().close()
+
+
+def tqdm(iterable=None, **kwargs):
+    """A tqdm progress bar over ``iterable`` (same keywords as ``tqdm.auto.tqdm``).
+
+    A live widget in a Jupyter frontend, a live text bar in a terminal; in a notebook run
+    by a program (nbclient, nbval, papermill) a single line with the final state, printed
+    when the loop ends, so that the stored notebook shows the finished bar.
+    """
+    bar = _FinalLineBar if _kernel_without_frontend() else _tqdm_auto
+    return bar(iterable, **kwargs)
+
 
 # Checkpoints: data/manifest.json maps a name to {file, sha256, size_bytes, command, steps,
 # wall_time_s, device, parameters, config, quality}. A checkpoint is a plain state dict.
@@ -1263,9 +1606,18 @@ class CheckpointManifest:
         return self.entries[name]
 
     def update(self, name: str, **fields) -> None:
-        """Set fields of the record ``name`` (created if new) and write the manifest back."""
+        """Set fields of the record ``name`` (created if new) and write the manifest back.
+
+        Written to a temporary file in the same folder, then renamed over the manifest, so
+        an interruption leaves the old manifest or the new one, never a part of one.
+        """
         self.entries.setdefault(name, {}).update(fields)
-        self.path.write_text(json.dumps(self.entries, indent=2, sort_keys=True) + "\n")
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.entries, indent=2, sort_keys=True) + "\n")
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(name: str, *, data_dir=None) -> dict[str, Tensor]:
@@ -1297,15 +1649,23 @@ def save_checkpoint(name: str, state_dict: dict, *, command: str, data_dir=None,
     ``command`` is the exact command that reproduces the file; ``record`` holds the other
     manifest fields (steps, wall_time_s, device, parameters, config, quality, ...).
     ``half=True`` stores floating tensors as float16. Returns the manifest record.
+    The file is written under a temporary name in the same folder and renamed into place
+    once complete, then the manifest is updated (renamed into place too): an interruption
+    while writing leaves the old checkpoint and its record as they were.
     """
     manifest = CheckpointManifest.load(data_dir)
     path = manifest.path.parent / f"{name}.pt"
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in state_dict.items()}
-    torch.save(state, path)
-    manifest.update(name, file=path.name, sha256=file_sha256(path),
-                    size_bytes=path.stat().st_size, command=command,
-                    dtype="float16" if half else "float32", **record)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, temporary)
+        sha256, size_bytes = file_sha256(temporary), temporary.stat().st_size
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    manifest.update(name, file=path.name, sha256=sha256, size_bytes=size_bytes,
+                    command=command, dtype="float16" if half else "float32", **record)
     return manifest.entries[name]
 
 
@@ -1352,23 +1712,30 @@ def ema_update_(ema_params, params, decay: float) -> None:
 class EMA:
     """A shadow copy of a model whose weights are an exponential moving average.
 
-    Sampling from the average instead of the last weights gives clearly better images
-    (DDPM, Ho et al. 2020, appendix B: decay 0.9999). The decay warms up as
-    min(decay, (1 + n) / (10 + n)) after n updates, so short runs are not dominated by
-    the random initial weights.
+    DDPM samples from such an average (Ho et al. 2020, appendix B: decay 0.9999): it
+    smooths out the wander of the weights from batch to batch. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates (:meth:`decay_at`), so short runs are
+    not dominated by the random initial weights. ``update_fn`` does the averaging, with
+    :func:`ema_update_`'s signature (default :func:`ema_update_`; a lesson passes the
+    learner's own).
     """
 
-    def __init__(self, model: nn.Module, *, decay: float = 0.999):
+    def __init__(self, model: nn.Module, *, decay: float = 0.999, update_fn=None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
+        self.update_fn = ema_update_ if update_fn is None else update_fn
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, num_updates: int) -> float:
+        """The decay the update after ``num_updates`` updates uses: min(decay, (1+n)/(10+n))."""
+        return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
     def update(self, model: nn.Module) -> None:
         """Move the shadow weights towards ``model``'s (buffers are copied)."""
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_update_(list(self.model.parameters()), list(model.parameters()), decay)
+        decay = self.decay_at(self.num_updates)
+        self.update_fn(list(self.model.parameters()), list(model.parameters()), decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
         self.num_updates += 1
@@ -1383,8 +1750,9 @@ class EMA:
 
 def autocast_context(device, *, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled`` (else a no-op context)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor,
@@ -1458,7 +1826,7 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
           lr: float = 2e-4, warmup_steps: int = 100, lr_shape: str = "constant",
           max_grad_norm: float | None = 1.0, ema: EMA | None = None, optimizer=None,
           cond_fn=None, autocast: bool | None = None, device=None, progress: bool = True,
-          step_fn=None):
+          step_fn=None, scheduler=None, start_step: int = 0):
     """Train ``model`` to predict the noise, yielding a :class:`TrainState` after every step.
 
     A generator, so a notebook can plot the loss as it falls::
@@ -1473,16 +1841,22 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
     ``autocast``: bfloat16 for the forward pass (default: where :func:`fast_setup` would).
     ``step_fn``: the function that makes one step, with :func:`train_step`'s signature
     (default :func:`train_step`; a lesson passes the learner's own).
+    To continue an interrupted run, pass its ``optimizer`` and learning-rate ``scheduler``
+    with their saved states loaded, and ``start_step``, the steps it had done.
     """
     step_fn = train_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = _bf16_is_fast(device) if autocast is None else autocast
     schedule = schedule.to(device)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
-    scheduler = make_lr_scheduler(optimizer, warmup_steps=warmup_steps, total_steps=steps,
-                                  shape=lr_shape)
+    if scheduler is None:
+        scheduler = make_lr_scheduler(optimizer, warmup_steps=warmup_steps, total_steps=steps,
+                                      shape=lr_shape)
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must lie in [0, steps={steps}], got {start_step}")
     data = _forever(batches)
-    bar = tqdm(range(1, steps + 1), desc="training", disable=not progress)
+    bar = tqdm(range(start_step + 1, steps + 1), desc="training", disable=not progress,
+               initial=start_step, total=steps)
     for step in bar:
         batch = next(data)
         x0 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
@@ -1507,10 +1881,13 @@ def ddpm_step(model_eps: Tensor, xt: Tensor, t: Tensor, schedule: NoiseSchedule,
 
     x_{t-1} = 1/sqrt(α_t) · (x_t - β_t / sqrt(1 - ᾱ_t) · ε_θ(x_t, t)) + σ_t z,   z ~ N(0, I)
 
-    σ_t² = β̃_t (``variance="posterior"``) or β_t (``"beta"``); both are discussed in DDPM
-    section 3.2. No noise is added at t = 0 (the last step returns the mean). A pure
-    function of tensors: ``model_eps`` is the model's ε prediction ``(B, C, H, W)`` for
-    ``xt`` ``(B, C, H, W)`` at timesteps ``t`` ``(B,)``; ``noise`` is z (drawn if None).
+    The mean is the posterior mean of q(x_{t-1} | x_t, x_0) (eq. 7) at the predicted
+    x̂_0 = (x_t - sqrt(1-ᾱ_t) ε_θ) / sqrt(ᾱ_t). σ_t² = β̃_t (``variance="posterior"``) or
+    β_t (``"beta"``); both are discussed in DDPM section 3.2. ``t`` counts in code indices
+    (paper t = code t + 1): t = 0 is the paper's last step, x_1 -> x_0, which adds no noise
+    and returns the mean. A pure function of tensors: ``model_eps`` is the model's ε
+    prediction ``(B, C, H, W)`` for ``xt`` ``(B, C, H, W)`` at timesteps ``t`` ``(B,)``;
+    ``noise`` is z (drawn if None).
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
@@ -1568,12 +1945,14 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
                 device=None, variance: str = "posterior", add_noise: bool = True,
                 autocast: bool | None = None, clip_x0: bool = True, progress: bool = True,
                 step_fn=None, **cond):
-    """Ancestral sampling (DDPM, Ho et al. 2020, Algorithm 2), yielding x_t after every step.
+    """Ancestral sampling (DDPM, Ho et al. 2020, Algorithm 2), yielding the sample after every step.
 
-    Starts from pure noise x_{T-1} ~ N(0, I) of ``shape`` ``(B, C, H, W)`` and applies
-    :func:`ddpm_step` T times (or ``num_steps`` times on a :func:`respace_schedule`); the
-    last tensor yielded is x_0. ``add_noise=False`` drops σ_t z from every step — to see
-    what goes wrong without it. ``generator`` makes the run reproducible; ``cond`` goes to
+    Starts from pure noise ~ N(0, I) of ``shape`` ``(B, C, H, W)``: the sample at t = T-1
+    in code indices, i.e. the paper's x_T (paper t = code t + 1). Applies :func:`ddpm_step`
+    at t = T-1, ..., 0 (or ``num_steps`` times on a :func:`respace_schedule`), yielding
+    the sample after each step; the step at t = 0 adds no noise and its result, the last
+    tensor yielded, is the image x_0. ``add_noise=False`` drops σ_t z from every step — to
+    see what goes wrong without it. ``generator`` makes the run reproducible; ``cond`` goes to
     the model. The model runs in eval mode without gradients (restored afterwards), in
     bfloat16 autocast if ``autocast`` (default: where :func:`fast_setup` would use it).
     ``step_fn``: the reverse step, with :func:`ddpm_step`'s signature (default
@@ -1590,7 +1969,7 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
     was_training = model.training
     model.eval()
     try:
-        x = torch.randn(tuple(shape), generator=generator, device=device)   # x_T
+        x = torch.randn(tuple(shape), generator=generator, device=device)   # t = T-1: paper's x_T
         for i in tqdm(range(len(taus) - 1, -1, -1), desc="sampling", disable=not progress):
             i_batch = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
             tau_batch = torch.full_like(i_batch, int(taus[i]))

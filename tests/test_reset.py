@@ -121,3 +121,13 @@ def test_backup_names_never_collide(tmp_path):
     first.write_text("{}")
     assert first.name == "01_first.20250102-030405.ipynb"
     assert reset.backup_path(lesson, now).name == "01_first.20250102-030405-2.ipynb"
+
+
+def test_an_unchanged_copy_of_an_earlier_version_is_not_work(course):
+    solutions, lessons = course
+    nb = nbformat.read(solutions / "01_first.ipynb", as_version=4)
+    nb.cells[0].source = "# 01_first, revised"  # the course changed since the lesson was made
+    nbformat.write(nb, solutions / "01_first.ipynb")
+    assert run(course, "01") == 0
+    assert (lessons / "01_first.ipynb").read_bytes() == blank(course, "01_first")
+    assert not (lessons / reset.BACKUPS).exists()

@@ -1,5 +1,11 @@
 """tools.train, the command that builds the shipped checkpoints: a few steps of each model
-into a temporary folder, and a fine-tune chained onto it (command, steps, wall time, device)."""
+into a temporary folder, and a fine-tune chained onto it (command, steps, wall time, device);
+arguments refused before any work; runs interrupted by Ctrl-C and resumed to the same result;
+checkpoint writes that an interruption cannot leave half done."""
+import json
+import os
+import signal
+
 import pytest
 import torch
 
@@ -45,10 +51,12 @@ def test_classifier_run_records_its_accuracy(tmp_path):
     model.load_state_dict(du.load_checkpoint("classifier", data_dir=tmp_path))
 
 
-def test_init_from_a_missing_checkpoint_names_it(tmp_path):
-    with pytest.raises(ValueError, match="ddpm_shapes"):
-        train.main(["ddpm", "--steps", "1", "--init-from", "ddpm_shapes",
+def test_init_from_a_missing_checkpoint_names_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["ddpm", "--steps", "1", "--warmup", "0", "--init-from", "ddpm_shapes",
                     "--data-dir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --init-from: no checkpoint called 'ddpm_shapes'" in capsys.readouterr().err
 
 
 def test_chained_records_read_as_one_history():
@@ -68,3 +76,216 @@ def test_device_description_counts_threads(monkeypatch):
     assert train.device_description(torch.device("cpu")).startswith("cpu, 1 thread, ")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert train.device_description(torch.device("cpu")).startswith("cpu, 4 threads, ")
+
+
+# ── arguments are checked before any work ───────────────────────────────────────────
+
+@pytest.mark.parametrize("argv, message", [
+    (["ddpm", "--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["ddpm", "--steps", "-5"], "argument --steps: expected a whole number >= 1, got -5"),
+    (["ddpm", "--steps", "1e3"], "argument --steps: expected a whole number >= 1, got '1e3'"),
+    (["ddpm", "--lr", "-1"], "argument --lr: expected a number > 0, got -1"),
+    (["ddpm", "--lr", "inf"], "argument --lr: expected a number > 0, got inf"),
+    (["ddpm", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1"),
+    (["ddpm", "--steps", "100"], "argument --warmup: expected a whole number from 0 to "
+                                 "--steps - 1 = 99, got 200"),
+    (["ddpm", "--warmup", "-1"], "argument --warmup: expected a whole number >= 0, got -1"),
+    (["ddpm", "--threads", "0"], "argument --threads: expected a whole number >= 1, got 0"),
+    (["ddpm", "--seed", "-1"], "argument --seed: expected a whole number from 0 to 4294967295"),
+    (["ddpm", "--log-every", "0"], "argument --log-every: expected a whole number >= 1"),
+    (["ddpm", "--save-every", "0"], "argument --save-every: expected a whole number >= 1"),
+    (["ddpm", "--ema-decay", "1"], "argument --ema-decay: expected a number >= 0 and < 1, got 1"),
+    (["ddpm", "--T", "50"], "argument --eval-steps: expected at most --T = 50 sampling steps"),
+    (["ddpm", "--max-minutes", "5", "--lr-shape", "cosine"],
+     "argument --max-minutes: needs --lr-shape constant"),
+    (["classifier", "--width", "12"], "argument --width: expected a multiple of 8 >= 8, got 12"),
+    (["classifier", "--num-images", "10", "--epochs", "1"],
+     "argument --batch-size: expected at most --epochs x --num-images = 10"),
+    (["classifier", "--save-every", "-1"], "argument --save-every: expected a whole number >= 1"),
+])
+def test_bad_arguments_are_refused_with_the_expected_range(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train_ddpm", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(train, "train_classifier", lambda *a: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m tools.train {argv[0]}: error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_the_data_folder_is_created_before_training(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "runs"
+    seen = []
+    monkeypatch.setattr(train, "train_ddpm", lambda args, *_: seen.append(folder.is_dir()))
+    train.main(["ddpm", "--data-dir", str(folder)])
+    assert seen == [True]
+
+
+def test_a_data_folder_that_cannot_hold_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train_ddpm", lambda *a: pytest.fail("training started"))
+    (tmp_path / "a_file").write_text("")
+    for folder, reason in ((tmp_path / "a_file", "it is a file, not a folder"),
+                           (tmp_path / "a_file" / "sub", "it cannot be created")):
+        with pytest.raises(SystemExit):
+            train.main(["ddpm", "--data-dir", str(folder)])
+        assert f"argument --data-dir: cannot write checkpoints in {folder}: {reason}" \
+            in capsys.readouterr().err
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit):
+        train.main(["ddpm", "--data-dir", str(tmp_path)])
+    assert "it is not writable (Permission denied)" in capsys.readouterr().err
+
+
+# ── Ctrl-C saves the run, --resume continues it to the same result ──────────────────
+
+TINY_DDPM = ["--num-images", "24", "--batch-size", "8", "--warmup", "1", "--eval-samples", "1",
+             "--eval-steps", "1", "--log-every", "1", "--save-every", "2"]
+
+
+@pytest.fixture
+def tiny_unet(monkeypatch):
+    """A much smaller UNet than the shipped one, so a run takes seconds; with dropout, so
+    that the model draws random numbers too."""
+    monkeypatch.setattr(train, "ddpm_config", lambda: du.UNetConfig(
+        base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+        heads=2, dropout=0.1))
+
+
+def press_ctrl_c(monkeypatch, owner, name, *, at_call, times=1):
+    """Make ``owner.name`` send Ctrl-C (SIGINT) to this process ``times`` times in its
+    ``at_call``-th call, in the middle of a training step."""
+    original, calls = getattr(owner, name), []
+
+    def pressing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, pressing)
+
+
+def stopped(argv, capsys):
+    """Run ``argv``, which is interrupted; return what it printed on stderr."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 130
+    return capsys.readouterr().err
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_ddpm_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatch,
+                                                            tiny_unet):
+    whole_run, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(["ddpm", "--steps", "5", *TINY_DDPM, "--data-dir", str(whole_run)])
+    expected = du.load_checkpoint("ddpm_shapes", data_dir=whole_run)
+    argv = ["ddpm", "--steps", "5", *TINY_DDPM, "--data-dir", str(parts)]
+    resume_file = parts / "ddpm_shapes.resume.pt"
+
+    # Ctrl-C twice in step 3 stops at once: the state saved after step 2 (--save-every 2) stays
+    with monkeypatch.context() as patch:
+        press_ctrl_c(patch, du.EMA, "update", at_call=3, times=2)
+        err = stopped(argv, capsys)
+    assert f"after step 2 is saved in {resume_file}" in err
+    assert f"continue it with: python -m tools.train {' '.join(argv)} --resume" in err
+    # a Ctrl-C in the middle of step 4 (of the resumed run's 2nd step) lets it end, then saves
+    with monkeypatch.context() as patch:
+        press_ctrl_c(patch, du.EMA, "update", at_call=2)
+        err = stopped([*argv, "--resume"], capsys)
+    assert f"after step 4 is saved in {resume_file}" in err
+    assert torch.load(resume_file, weights_only=True)["step"] == 4
+    train.main([*argv, "--resume"])
+    assert not resume_file.exists()
+
+    got = du.load_checkpoint("ddpm_shapes", data_dir=parts)
+    difference = largest_difference(got, expected)
+    print(f"largest difference of the resumed run's EMA weights: {difference:.3g}")
+    assert difference <= 1e-6
+    before, after = record(whole_run, "ddpm_shapes"), record(parts, "ddpm_shapes")
+    assert after["steps"] == 5 and after["command"] == before["command"].replace(
+        str(whole_run), str(parts))
+    assert after["training"]["final_loss"] == pytest.approx(before["training"]["final_loss"],
+                                                            abs=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_classifier_run_resumes_to_the_same_result(tmp_path, capsys,
+                                                                 monkeypatch):
+    tiny = ["--num-images", "80", "--epochs", "1", "--batch-size", "16", "--width", "8",
+            "--negatives", "0.25", "--save-every", "2"]
+    train.main(["classifier", *tiny, "--data-dir", str(tmp_path / "whole")])
+    argv = ["classifier", *tiny, "--data-dir", str(tmp_path / "parts")]
+    with monkeypatch.context() as patch:
+        press_ctrl_c(patch, train, "classifier_loss", at_call=3)
+        assert "after step 3 is saved" in stopped(argv, capsys)
+    train.main([*argv, "--resume"])
+    difference = largest_difference(du.load_checkpoint("classifier", data_dir=tmp_path / "parts"),
+                                    du.load_checkpoint("classifier", data_dir=tmp_path / "whole"))
+    assert difference <= 1e-6
+    assert not (tmp_path / "parts" / "classifier.resume.pt").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_refuses_other_arguments_and_a_missing_state(tmp_path, capsys, monkeypatch,
+                                                            tiny_unet):
+    argv = ["ddpm", "--steps", "4", *TINY_DDPM, "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        train.main([*argv, "--resume"])
+    assert stop.value.code == 2
+    assert f"no interrupted run to continue: {tmp_path / 'ddpm_shapes.resume.pt'} does not " \
+           "exist" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        press_ctrl_c(patch, du.EMA, "update", at_call=1)
+        stopped(argv, capsys)
+    monkeypatch.setattr(train, "train_ddpm", lambda *a: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as stop:
+        train.main([*argv, "--resume", "--steps", "6", "--lr", "2e-3", "--half",
+                    "--save-every", "3", "--threads", "1"])  # the last two may differ
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert ("the interrupted run had other arguments: --half on (the interrupted run: off); "
+            "--lr 0.002 (the interrupted run: 0.001); --steps 6 (the interrupted run: 4)") in err
+    # a new run in the same folder warns that it will replace the interrupted one
+    monkeypatch.setattr(train, "train_ddpm", lambda *a: None)
+    train.main(argv)
+    assert f"note: {tmp_path / 'ddpm_shapes.resume.pt'} holds an interrupted run" \
+        in capsys.readouterr().err
+
+
+# ── checkpoint writes are atomic ─────────────────────────────────────────────────────
+
+def test_a_failure_while_writing_leaves_the_old_checkpoint_and_manifest(tmp_path, monkeypatch):
+    du.save_checkpoint("tiny", {"w": torch.ones(3)}, command="first", data_dir=tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as out:
+            out.truncate(10)  # a partly written file
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save_half_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            du.save_checkpoint("tiny", {"w": torch.zeros(3)}, command="second", data_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # no temporary left
+    assert du.load_checkpoint("tiny", data_dir=tmp_path)["w"].tolist() == [1.0, 1.0, 1.0]
+
+    def dumps_then_fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dumps", dumps_then_fail)
+        with pytest.raises(OSError):
+            du.save_checkpoint("other", {"w": torch.zeros(2)}, command="third", data_dir=tmp_path)
+    assert (tmp_path / "manifest.json").read_bytes() == files["manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted([*files, "other.pt"])
+    assert du.load_checkpoint("tiny", data_dir=tmp_path)["w"].tolist() == [1.0, 1.0, 1.0]

@@ -18,15 +18,29 @@ generator twice gives identical bytes.
     python -m tools.make_exercises            # regenerate every lesson
     python -m tools.make_exercises 01         # only lessons whose name starts with 01
     python -m tools.make_exercises --check    # exit 1 if lessons/ is out of date
+    python -m tools.make_exercises --force    # also overwrite changed lessons (backed up)
 
-This overwrites lessons/: it is the maintainers' tool. A learner who wants a fresh copy
-of a lesson uses the reset command instead, which protects their work.
+A lesson in lessons/ may hold a learner's exercises, so it is only overwritten when it is
+a generated copy: missing, identical to what the generator makes now, differing from that
+only in outputs and metadata (it was run), or an unchanged copy of what the generator made
+from an earlier version of the solution. The generator recognises the last by a hash it
+stores in the notebook's metadata, ``generated.cells_sha256``: the SHA-256 of every cell's
+type and source as generated. Running a notebook leaves types and sources as they are;
+editing a cell does not, so a lesson whose cells no longer match its hash holds someone's work.
+Such a lesson is left alone (nothing at all is written) unless ``--force`` is given; then
+its version is first copied to ``lessons/backups/``. The reset command, which learners use
+for a fresh copy of a lesson, decides the same way.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
+import shutil
 import sys
+import warnings
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -39,6 +53,8 @@ BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 MARKDOWN_STUB = "_YOUR ANSWER HERE_"
+GENERATED = "generated"  # notebook metadata: {"cells_sha256": hash of the generated cells}
+BACKUPS = "backups"  # folder inside lessons/ (not matched by lessons/*.ipynb)
 
 
 class MarkerError(ValueError):
@@ -86,8 +102,67 @@ def make_exercise(solution) -> nbformat.NotebookNode:
     keep = {k: nb.metadata[k] for k in ("kernelspec", "language_info") if k in nb.metadata}
     if "language_info" in keep:
         keep["language_info"] = {"name": keep["language_info"].get("name", "python")}
+    keep[GENERATED] = {"cells_sha256": cells_sha256(cells_of(nb))}
     nb.metadata = nbformat.NotebookNode(keep)
     return nb
+
+
+def cells_of(nb) -> list[tuple[str, str]]:
+    """The (type, source) of every cell: what running a notebook leaves unchanged."""
+    return [(cell.cell_type, cell.source.strip()) for cell in nb.cells]
+
+
+def cells_sha256(cells: list[tuple[str, str]]) -> str:
+    """The SHA-256 hex digest of a notebook's :func:`cells_of`."""
+    return hashlib.sha256(json.dumps(cells, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _read(data: bytes):
+    """The notebook in ``data``, or None if it is not a readable notebook."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return nbformat.reads(data.decode("utf-8"), as_version=4)
+    except Exception:
+        return None
+
+
+def has_work(lesson: Path, blank: bytes) -> bool:
+    """Whether ``lesson`` holds someone's work: it is not a generated copy (see the module
+    docstring) of ``blank`` (the lesson as generated now) or of an earlier version."""
+    if not lesson.exists():
+        return False
+    data = lesson.read_bytes()
+    if data == blank:
+        return False
+    nb = _read(data)
+    if nb is None:
+        return True
+    cells = cells_of(nb)
+    if cells == cells_of(_read(blank)):
+        return False  # only outputs or metadata differ: it was run
+    stored = nb.metadata.get(GENERATED)
+    return not (isinstance(stored, dict) and stored.get("cells_sha256") == cells_sha256(cells))
+
+
+def backup_path(lesson: Path, now: datetime | None = None) -> Path:
+    """A new, unused backup name: ``<lessons>/backups/<name>.<YYYYmmdd-HHMMSS>.ipynb``."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    folder = lesson.parent / BACKUPS
+    candidate = folder / f"{lesson.stem}.{stamp}.ipynb"
+    number = 2
+    while candidate.exists():
+        candidate = folder / f"{lesson.stem}.{stamp}-{number}.ipynb"
+        number += 1
+    return candidate
+
+
+def save_backup(lesson: Path, now: datetime | None = None) -> Path:
+    """Copy ``lesson`` to a new :func:`backup_path` and return that path."""
+    backup = backup_path(lesson, now)
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(lesson, backup)
+    return backup
 
 
 def exercise_bytes(solution_path: Path) -> bytes:
@@ -102,35 +177,61 @@ def exercise_bytes(solution_path: Path) -> bytes:
     return (nbformat.writes(exercise, version=4) + "\n").encode("utf-8")
 
 
-def solution_paths(prefixes: list[str] | None = None) -> list[Path]:
+def solution_paths(prefixes: list[str] | None = None, *,
+                   solutions: Path = SOLUTIONS) -> list[Path]:
     """Solution notebooks, sorted, optionally only those whose name starts with a prefix."""
-    paths = sorted(SOLUTIONS.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(solutions.glob("[0-9][0-9]_*.ipynb"))
     if prefixes:
         paths = [p for p in paths if any(p.name.startswith(pre) for pre in prefixes)]
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, *, solutions: Path = SOLUTIONS,
+         lessons: Path = LESSONS) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.make_exercises", description=__doc__.split("\n\n")[0])
     parser.add_argument("lessons", nargs="*", help="lesson name prefixes, e.g. 01 (default: all)")
     parser.add_argument("--check", action="store_true", help="only report lessons that are out of date")
+    parser.add_argument("--force", action="store_true",
+                        help=f"also overwrite lessons whose cells were changed (their version is "
+                             f"first saved in {lessons.name}/{BACKUPS}/)")
     args = parser.parse_args(argv)
-    paths = solution_paths(args.lessons)
+    paths = solution_paths(args.lessons, solutions=solutions)
     if not paths:
-        parser.error(f"no solution notebook in {SOLUTIONS} matches {args.lessons or 'NN_*.ipynb'}")
-    stale = []
-    for path in paths:
-        target = LESSONS / path.name
-        data = exercise_bytes(path)
+        parser.error(f"no solution notebook in {solutions} matches {args.lessons or 'NN_*.ipynb'}")
+    plan = [(lessons / path.name, exercise_bytes(path)) for path in paths]
+    if args.check:
+        return check(plan, lessons)
+    refused = [target for target, data in plan if has_work(target, data)]
+    if refused and not args.force:
+        names = "\n".join(f"  {lessons.name}/{p.name}" for p in refused)
+        print(f"make_exercises: refusing to overwrite changed lessons:\n{names}\n"
+              "A cell in each differs from every version this command generated, so it may "
+              "hold a learner's exercises. Nothing was written. Run again with --force to "
+              f"regenerate them anyway (each changed version is first saved in "
+              f"{lessons.name}/{BACKUPS}/).", file=sys.stderr)
+        return 1
+    for target, data in plan:
+        shown = f"{lessons.name}/{target.name}"
         if target.exists() and target.read_bytes() == data:
-            print(f"up to date  lessons/{path.name}")
-        elif args.check:
-            stale.append(path.name)
-            print(f"OUT OF DATE lessons/{path.name}")
-        else:
-            LESSONS.mkdir(exist_ok=True)
-            target.write_bytes(data)
-            print(f"wrote       lessons/{path.name}")
+            print(f"up to date  {shown}")
+            continue
+        if target in refused:
+            backup = save_backup(target)
+            print(f"saved the changed version to {lessons.name}/{BACKUPS}/{backup.name}")
+        lessons.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        print(f"wrote       {shown}")
+    return 0
+
+
+def check(plan: list[tuple[Path, bytes]], lessons: Path) -> int:
+    """``--check``: report each lesson as up to date or not; 1 if any is out of date."""
+    stale = False
+    for target, data in plan:
+        fresh = target.exists() and target.read_bytes() == data
+        stale = stale or not fresh
+        print(f"{'up to date ' if fresh else 'OUT OF DATE'} {lessons.name}/{target.name}")
     if stale:
         print("run `python -m tools.make_exercises` to regenerate", file=sys.stderr)
         return 1

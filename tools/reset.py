@@ -4,59 +4,21 @@
     python -m tools.reset 01 03 --force   # also when they hold your work (backed up first)
     python -m tools.reset --all           # every lesson
 
-A lesson is restored without asking when it is missing, already blank, or differs from the
-blank version only by outputs (you ran it but changed no cell). When you changed a cell,
-the reset refuses unless you add ``--force``; then your version is first copied to
-``lessons/backups/NN_topic.<date-time>.ipynb``.
+A lesson is restored without asking when it is missing, already blank, differs from the
+blank version only by outputs (you ran it but changed no cell), or is an unchanged copy of
+an earlier version of the lesson. When you changed a cell, the reset refuses unless you add
+``--force``; then your version is first copied to ``lessons/backups/NN_topic.<date-time>.ipynb``.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import warnings
 from datetime import datetime
 from pathlib import Path
 
-import nbformat
-
-from tools.make_exercises import LESSONS, SOLUTIONS, exercise_bytes
-
-BACKUPS = "backups"  # folder inside lessons/ (not matched by lessons/*.ipynb)
-
-
-def _cells(data: bytes) -> list[tuple[str, str]] | None:
-    """The (type, source) of every cell, or None if ``data`` is not a readable notebook."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nb = nbformat.reads(data.decode("utf-8"), as_version=4)
-        return [(cell.cell_type, cell.source.strip()) for cell in nb.cells]
-    except Exception:
-        return None
-
-
-def has_work(lesson: Path, blank: bytes) -> bool:
-    """Whether ``lesson`` differs from ``blank`` in more than outputs and metadata."""
-    if not lesson.exists():
-        return False
-    data = lesson.read_bytes()
-    if data == blank:
-        return False
-    current = _cells(data)
-    return current is None or current != _cells(blank)
-
-
-def backup_path(lesson: Path, now: datetime | None = None) -> Path:
-    """A new, unused backup name: ``<lessons>/backups/<name>.<YYYYmmdd-HHMMSS>.ipynb``."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    folder = lesson.parent / BACKUPS
-    candidate = folder / f"{lesson.stem}.{stamp}.ipynb"
-    number = 2
-    while candidate.exists():
-        candidate = folder / f"{lesson.stem}.{stamp}-{number}.ipynb"
-        number += 1
-    return candidate
+from tools.make_exercises import (BACKUPS, LESSONS, SOLUTIONS, exercise_bytes, has_work,
+                                  save_backup)
+from tools.make_exercises import backup_path  # noqa: F401  (how backups are named)
 
 
 def select(prefixes: list[str], solutions: Path = SOLUTIONS) -> list[Path]:
@@ -96,9 +58,7 @@ def reset(solution_paths: list[Path], *, force: bool = False, lessons: Path = LE
             messages.append(f"already blank  {shown}")
             continue
         if lesson in refused:
-            backup = backup_path(lesson, now)
-            backup.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(lesson, backup)
+            backup = save_backup(lesson, now)
             messages.append(f"saved your work to {lessons.name}/{BACKUPS}/{backup.name}")
         lessons.mkdir(parents=True, exist_ok=True)
         lesson.write_bytes(blank)

@@ -2,21 +2,36 @@
 
     python -m tools.train classifier            # the attribute classifier (quality measure)
     python -m tools.train ddpm --steps 6000     # lesson 03's unconditional DDPM model
+    python -m tools.train ddpm --steps 6000 --resume    # continue it after an interruption
 
 Each command writes data/<name>.pt and its record in data/manifest.json: the exact
 command, steps, wall time, device, parameter count, model config and the quality reached.
 Runs on whatever `du.get_device()` picks (a GPU if there is one); on a CPU keep
 `--threads` at the number of cores you can spare.
+
+Every --save-every steps, at the end of training and when you press Ctrl-C, a run saves
+all it needs to continue (weights, EMA, optimiser, learning-rate schedule, random number
+generators, position in the data) in <data-dir>/<name>.resume.pt. The same command with
+--resume continues from there to the same result as an uninterrupted run; the file is
+deleted once the checkpoint is written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import platform
+import random
 import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
@@ -66,6 +81,269 @@ def start_from(model: torch.nn.Module, name: str | None, data_dir=None) -> Earli
     before = du.CheckpointManifest.load(data_dir).entry(name)
     model.load_state_dict(du.load_checkpoint(name, data_dir=data_dir))
     return Earlier(before["command"], before["steps"], before["wall_time_s"], before["device"])
+
+
+# ── checking the arguments before any work ────────────────────────────────────────────
+
+
+def whole(low: int, high: int | None = None, *, multiple_of: int = 1):
+    """An argparse ``type``: a whole number in [low, high], a multiple of ``multiple_of``."""
+    expected = f"a whole number >= {low}" if high is None else \
+        f"a whole number from {low} to {high}"
+    if multiple_of > 1:
+        expected = f"a multiple of {multiple_of} >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high) or value % multiple_of:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+    return parse
+
+
+def number(*, above: float | None = None, at_least: float | None = None,
+           below: float | None = None):
+    """An argparse ``type``: a finite number > ``above`` (or >= ``at_least``), < ``below``."""
+    bounds = [f"> {above:g}" if above is not None else f">= {at_least:g}"]
+    if below is not None:
+        bounds.append(f"< {below:g}")
+    expected = "a number " + " and ".join(bounds)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and (above is None or value > above)
+                and (at_least is None or value >= at_least) and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Create ``folder`` (parents too) if it is missing; why it cannot hold a checkpoint,
+    or None if it can."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"it cannot be created ({err.strerror or err})"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"it is not writable ({err.strerror or err})"
+    return None
+
+
+def checkpoint_problem(name: str, data_dir) -> str | None:
+    """Why the checkpoint ``name`` in ``data_dir`` (default data/) cannot be loaded, or None."""
+    manifest = du.CheckpointManifest.load(data_dir)
+    if name not in manifest.entries:
+        return (f"no checkpoint called {name!r} in {manifest.path} "
+                f"(known: {sorted(manifest.entries)})")
+    path = manifest.path.parent / manifest.entries[name]["file"]
+    return None if path.exists() else f"the file of checkpoint {name!r}, {path}, is missing"
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse, before any work, arguments that cannot make a run: argparse's usage error
+    (exit status 2) naming the argument and what it expects. Creates ``--data-dir``."""
+    if args.what == "ddpm":
+        if args.warmup >= args.steps:
+            parser.error(f"argument --warmup: expected a whole number from 0 to --steps - 1 "
+                         f"= {args.steps - 1}, got {args.warmup}")
+        if args.eval_steps > args.T:
+            parser.error(f"argument --eval-steps: expected at most --T = {args.T} sampling "
+                         f"steps, got {args.eval_steps}")
+        if args.max_minutes is not None and args.lr_shape != "constant":
+            parser.error("argument --max-minutes: needs --lr-shape constant (a cosine decay "
+                         "is planned to end at --steps)")
+    elif args.epochs * args.num_images < args.batch_size:
+        parser.error(f"argument --batch-size: expected at most --epochs x --num-images = "
+                     f"{args.epochs * args.num_images} (the images of the whole run), "
+                     f"got {args.batch_size}")
+    folder = Path(du.DATA_DIR if args.data_dir is None else args.data_dir)
+    problem = folder_problem(folder)
+    if problem:
+        parser.error(f"argument --data-dir: cannot write checkpoints in {folder}: {problem}")
+    if args.init_from and (problem := checkpoint_problem(args.init_from, args.data_dir)):
+        parser.error(f"argument --init-from: {problem}")
+    if args.what == "ddpm" and (problem := checkpoint_problem("classifier", None)):
+        parser.error(f"the quality measure needs the shipped classifier: {problem}; train it "
+                     "first with `python -m tools.train classifier`")
+
+
+# ── interrupting and resuming a run ───────────────────────────────────────────────────
+
+# Arguments that may differ when a run is resumed: they do not change what it computes.
+MAY_DIFFER_ON_RESUME = ("resume", "save_every", "log_every", "threads", "data_dir")
+
+
+def rng_states() -> dict:
+    """The state of every random number generator a run may draw from, as tensors and
+    numbers only (so that ``torch.load(..., weights_only=True)`` reads it)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "internal": torch.tensor(internal),
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore the generators to what :func:`rng_states` saved."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+
+
+class ResumableBatches:
+    """A DataLoader's batches, pass after pass without end, able to continue where an
+    interrupted run stopped. The loader shuffles with its own generator, so a position in
+    the data is that generator's state at the start of the current pass and the number of
+    batches taken from this pass."""
+
+    def __init__(self, loader, position: dict | None = None):
+        self.loader = loader
+        self.pass_start = position["pass_start"] if position else None
+        self.taken = position["taken"] if position else 0
+
+    def position(self) -> dict:
+        return {"pass_start": self.pass_start, "taken": self.taken}
+
+    def __iter__(self):
+        skip = self.taken
+        if self.pass_start is not None:
+            self.loader.generator.set_state(self.pass_start)
+        while True:
+            self.pass_start, self.taken = self.loader.generator.get_state(), 0
+            for batch in self.loader:
+                self.taken += 1
+                if self.taken > skip:  # the batches before were used before the interruption
+                    yield batch
+            if self.taken == 0:
+                raise ValueError("the data yielded no batches")
+            skip = 0
+
+
+class CtrlC:
+    """Inside ``with CtrlC() as ctrl_c:`` a first Ctrl-C only sets ``ctrl_c.pressed``, so
+    that the training loop can finish its step and save; a second one stops at once."""
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # only it gets signals
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nCtrl-C: stopping after this step to save the run "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _shown(value) -> str:
+    """An argument's value as a message shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "not given" if value is None else str(value)
+
+
+class Resumable:
+    """The file ``<data-dir>/<name>.resume.pt`` from which ``--resume`` continues a run.
+
+    It holds what the run needs to go on exactly as if it had not stopped, as tensors,
+    numbers, strings, lists and dicts (read back with ``weights_only=True``): the command
+    line and arguments, the step, and what each training loop adds to :meth:`save`.
+    """
+
+    def __init__(self, name: str, args, argv: list[str]):
+        self.path = Path(du.DATA_DIR if args.data_dir is None else args.data_dir) / \
+            f"{name}.resume.pt"
+        self.every = args.save_every
+        self.argv = argv  # the command line of the run's first part, for its record
+        self.command = the_command(argv if "--resume" in argv else [*argv, "--resume"])
+        self.arguments = {k: v for k, v in sorted(vars(args).items())
+                          if k not in MAY_DIFFER_ON_RESUME}
+        self.saved_step: int | None = None
+
+    def load(self, parser: argparse.ArgumentParser) -> dict:
+        """The saved state; argparse's usage error if there is none or its arguments differ."""
+        if not self.path.exists():
+            parser.error(f"argument --resume: no interrupted run to continue: {self.path} "
+                         "does not exist (start the run without --resume)")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (any failure: the file is unusable)
+            parser.error(f"argument --resume: {self.path} cannot be read ({err}); "
+                         "start the run afresh without --resume")
+        before = state["arguments"]
+        differ = [f"--{k.replace('_', '-')} {_shown(self.arguments.get(k))} (the interrupted "
+                  f"run: {_shown(before.get(k))})"
+                  for k in sorted(set(before) | set(self.arguments))
+                  if before.get(k) != self.arguments.get(k)]
+        if differ:
+            parser.error("argument --resume: the interrupted run had other arguments: "
+                         + "; ".join(differ) + ". Resume it with its own arguments, or start "
+                         "a new run without --resume")
+        self.argv, self.saved_step = state["argv"], state["step"]
+        print(f"resuming after step {state['step']} from {self.path}", flush=True)
+        return state
+
+    def due(self, step: int) -> bool:
+        """Whether ``--save-every`` asks for a save after ``step``."""
+        return step % self.every == 0
+
+    def save(self, *, step: int, **state) -> None:
+        """Write the state after ``step`` (and the random generators' states) atomically:
+        to a temporary file in the same folder, then renamed over the old one."""
+        state = {"argv": self.argv, "arguments": self.arguments, "step": step,
+                 "rng": rng_states(), **state}
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        self.saved_step = step
+
+    def stop(self) -> None:
+        """After Ctrl-C: say how to continue, and exit with status 130 (as Ctrl-C does)."""
+        print(self.how_to_continue(), file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    def how_to_continue(self) -> str:
+        if self.saved_step is None:
+            return (f"stopped before the first save (at step {self.every}, --save-every): "
+                    "there is nothing to resume")
+        return (f"stopped: the run as it was after step {self.saved_step} is saved in "
+                f"{self.path}\ncontinue it with: {self.command}")
+
+    def finish(self) -> None:
+        """The run is complete (its checkpoint written): delete the file."""
+        self.path.unlink(missing_ok=True)
 
 
 # ── the attribute classifier ──────────────────────────────────────────────────────────
@@ -119,34 +397,51 @@ def classifier_loss(model, x, y, x_neg) -> torch.Tensor:
     return loss
 
 
-def train_classifier(args, argv) -> None:
+def train_classifier(args, run: Resumable, resumed: dict | None) -> None:
     """Train :class:`du.AttributeClassifier` on both splits (it is a measuring instrument,
     so it must also read the held-out shape-colour pairs) and test it on fresh images.
-    ``--init-from classifier`` fine-tunes the shipped weights (e.g. with ``--negatives``)."""
+    ``--init-from classifier`` fine-tunes the shipped weights (e.g. with ``--negatives``);
+    ``resumed``: the state an interrupted run saved (see :class:`Resumable`)."""
     du.seed_everything(args.seed)
     n_held = args.num_images // 5
     x_a, y_a = shapes_tensors(args.num_images - n_held, seed=args.seed, split="train")
     x_b, y_b = shapes_tensors(n_held, seed=args.seed, split="held_out")
     images, labels = torch.cat([x_a, x_b]), torch.cat([y_a, y_b])
     model = du.AttributeClassifier(width=args.width)
-    earlier = start_from(model, args.init_from, args.data_dir)
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * len(images) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
     n_neg = int(args.negatives * args.batch_size)
-    start = time.time()
+    done = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        set_rng_states(resumed["rng"])  # the batches are drawn with torch's generator
+        done = resumed["step"]
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
     model.train()
-    for step in du.tqdm(range(steps), desc="classifier"):
-        idx = torch.randint(0, len(images), (args.batch_size,))
-        x = images[idx]
-        x_neg = negatives(images[torch.randint(0, len(images), (n_neg,))]) if n_neg else x[:0]
-        # a little Gaussian noise, so slightly imperfect samples are still read correctly
-        x = x + torch.rand(len(x), 1, 1, 1) * 0.1 * torch.randn_like(x)
-        loss = classifier_loss(model, x, labels[idx], x_neg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    with CtrlC() as ctrl_c:
+        for step in du.tqdm(range(done + 1, steps + 1), desc="classifier", initial=done,
+                            total=steps):
+            idx = torch.randint(0, len(images), (args.batch_size,))
+            x = images[idx]
+            x_neg = negatives(images[torch.randint(0, len(images), (n_neg,))]) if n_neg else x[:0]
+            # a little Gaussian noise, so slightly imperfect samples are still read correctly
+            x = x + torch.rand(len(x), 1, 1, 1) * 0.1 * torch.randn_like(x)
+            loss = classifier_loss(model, x, labels[idx], x_neg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if run.due(step) or step == steps or ctrl_c.pressed:
+                run.save(step=step, wall_time_s=time.time() - start,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            if ctrl_c.pressed:
+                run.stop()
     wall = time.time() - start
     model.eval()
     test_train = attribute_accuracy(model, *shapes_tensors(2000, seed=10_000, split="train"))
@@ -162,7 +457,7 @@ def train_classifier(args, argv) -> None:
           f"blurred blobs {blobs:.3f}")
     entry = du.save_checkpoint(
         "classifier", model.state_dict(), data_dir=args.data_dir,
-        command=earlier.chain_command(the_command(argv)),
+        command=earlier.chain_command(the_command(run.argv)),
         steps=earlier.steps + steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
         device=earlier.chain_device(device_description(torch.device("cpu")), steps),
         parameters=sum(p.numel() for p in model.parameters()),
@@ -176,6 +471,7 @@ def train_classifier(args, argv) -> None:
                  "recognised_fraction_real": real, "recognised_fraction_noise": noise_floor,
                  "recognised_fraction_blobs": blobs, "threshold": 0.9},
     )
+    run.finish()
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
@@ -203,36 +499,69 @@ def reproducing_command(argv: list[str], steps_done: int) -> str:
     return the_command(out[:1] + ["--steps", str(steps_done)] + out[1:])
 
 
-def train_ddpm(args, argv) -> None:
+def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
     """Train the unconditional UNet on the shapes images with EMA; measure the recognised
-    fraction of ``--eval-samples`` samples drawn with ``--eval-steps`` DDPM steps."""
+    fraction of ``--eval-samples`` samples drawn with ``--eval-steps`` DDPM steps.
+    ``resumed``: the state an interrupted run saved (see :class:`Resumable`)."""
     du.seed_everything(args.seed)
     device = du.get_device()
     config = ddpm_config()
     model = du.UNet(config).to(device)
     # --init-from: fine-tune the shipped weights (its EMA) and chain the commands
-    earlier = start_from(model, args.init_from, args.data_dir)
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
     if not args.no_fast_path:
         model, _ = du.fast_setup(model)  # channels_last on a CPU, bfloat16 on a GPU
     use_bf16 = not args.no_fast_path and du._bf16_is_fast(device)
     schedule = du.NoiseSchedule.create(args.schedule, args.T)
     ema = du.EMA(model, decay=args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # as du.train makes them
+    scheduler = du.make_lr_scheduler(optimizer, warmup_steps=args.warmup,
+                                     total_steps=args.steps, shape=args.lr_shape)
     loader = du.shapes_dataloader(args.num_images, batch_size=args.batch_size, seed=args.seed)
-    start = time.time()
-    losses = []
-    for state in du.train(model, loader, schedule, steps=args.steps, lr=args.lr,
-                          warmup_steps=args.warmup, lr_shape=args.lr_shape, ema=ema,
-                          autocast=use_bf16, device=device):
-        losses.append(state.loss)
-        if state.step % args.log_every == 0 or state.step == args.steps:
-            recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
-            print(f"step {state.step}/{args.steps}  loss {recent:.4f}  lr {state.lr:.2e}  "
-                  f"{time.time() - start:.0f}s", flush=True)
-        if args.max_minutes and args.lr_shape == "constant" and \
-                time.time() - start > 60 * args.max_minutes:
-            print(f"time limit reached after {state.step} steps", flush=True)
-            break
-    wall, steps_done = time.time() - start, len(losses)
+    batches = ResumableBatches(loader, resumed["data"] if resumed else None)
+    losses, done, finished = [], 0, False
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        ema.model.load_state_dict(resumed["ema"])
+        ema.num_updates = resumed["ema_updates"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        set_rng_states(resumed["rng"])
+        losses, done, finished = resumed["losses"].tolist(), resumed["step"], resumed["finished"]
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
+
+    def save(step: int, *, finished: bool) -> None:
+        run.save(step=step, finished=finished, wall_time_s=time.time() - start,
+                 losses=torch.tensor(losses, dtype=torch.float64),
+                 earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                 ema=ema.state_dict(), ema_updates=ema.num_updates,
+                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 data=batches.position())
+
+    training = [] if finished else du.train(  # finished: only the evaluation is left
+        model, batches, schedule, steps=args.steps, ema=ema, optimizer=optimizer,
+        scheduler=scheduler, start_step=done, autocast=use_bf16, device=device)
+    with CtrlC() as ctrl_c:
+        for state in training:
+            losses.append(state.loss)
+            if state.step % args.log_every == 0 or state.step == args.steps:
+                recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
+                print(f"step {state.step}/{args.steps}  loss {recent:.4f}  lr {state.lr:.2e}  "
+                      f"{time.time() - start:.0f}s", flush=True)
+            time_up = bool(args.max_minutes) and time.time() - start > 60 * args.max_minutes
+            if time_up:
+                print(f"time limit reached after {state.step} steps", flush=True)
+            # saved at the end of training too, so a Ctrl-C during the evaluation loses nothing
+            last = time_up or state.step == args.steps
+            if run.due(state.step) or last or ctrl_c.pressed:
+                save(state.step, finished=last)
+            if ctrl_c.pressed:
+                run.stop()
+            if time_up:
+                break
+    wall = resumed["wall_time_s"] if finished else time.time() - start
+    steps_done = len(losses)
     shadow = ema.model
     if args.half:  # measure exactly the weights we ship
         shadow.load_state_dict({k: v.half().float() if v.is_floating_point() else v
@@ -247,7 +576,7 @@ def train_ddpm(args, argv) -> None:
           f"(sampling took {time.time() - start_eval:.0f}s)", flush=True)
     entry = du.save_checkpoint(
         "ddpm_shapes", ema.state_dict(), data_dir=args.data_dir,
-        command=earlier.chain_command(reproducing_command(argv, steps_done)),
+        command=earlier.chain_command(reproducing_command(run.argv, steps_done)),
         half=args.half, steps=earlier.steps + steps_done,
         wall_time_s=round(earlier.wall_time_s + wall, 1),
         device=earlier.chain_device(
@@ -267,58 +596,84 @@ def train_ddpm(args, argv) -> None:
                             f"{args.T} timesteps (du.respace_schedule), seed 0"
                             + (", bfloat16 autocast" if use_bf16 else "")},
     )
+    run.finish()
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+
+
+NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes"}  # the checkpoint each trains
+MAX_IMAGES = 10**7  # du.make_shapes's limit
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     c = sub.add_parser("classifier", help="the attribute classifier (quality measure)")
-    c.add_argument("--num-images", type=int, default=20_000)
-    c.add_argument("--epochs", type=int, default=4)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--lr", type=float, default=3e-3)
-    c.add_argument("--width", type=int, default=16)
-    c.add_argument("--negatives", type=float, default=0.0,
+    c.add_argument("--num-images", type=whole(5, MAX_IMAGES), default=20_000)
+    c.add_argument("--epochs", type=whole(1), default=4)
+    c.add_argument("--batch-size", type=whole(1), default=128)
+    c.add_argument("--lr", type=number(above=0), default=3e-3, help="peak learning rate")
+    c.add_argument("--width", type=whole(8, multiple_of=8), default=16,
+                   help="channels of the first layer (GroupNorm uses 8 groups)")
+    c.add_argument("--negatives", type=number(at_least=0), default=0.0,
                    help="shapeless images per real one, trained towards uniform predictions")
     c.add_argument("--init-from", default=None,
                    help="start from this shipped checkpoint (e.g. classifier) and fine-tune")
     d = sub.add_parser("ddpm", help="lesson 03's unconditional DDPM model")
-    d.add_argument("--steps", type=int, default=6000)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--warmup", type=int, default=200)
+    d.add_argument("--steps", type=whole(1), default=6000)
+    d.add_argument("--batch-size", type=whole(1), default=32)
+    d.add_argument("--lr", type=number(above=0), default=1e-3)
+    d.add_argument("--warmup", type=whole(0), default=200,
+                   help="steps of linear learning-rate warm-up (fewer than --steps)")
     d.add_argument("--lr-shape", choices=("constant", "cosine"), default="constant",
                    help="after warm-up: constant, or a cosine decay to 0 at --steps")
-    d.add_argument("--ema-decay", type=float, default=0.999)
-    d.add_argument("--num-images", type=int, default=20_000)
-    d.add_argument("--schedule", default="cosine")
-    d.add_argument("--T", type=int, default=1000)
-    d.add_argument("--eval-samples", type=int, default=256)
-    d.add_argument("--eval-steps", type=int, default=100)
+    d.add_argument("--ema-decay", type=number(at_least=0, below=1), default=0.999)
+    d.add_argument("--num-images", type=whole(1, MAX_IMAGES), default=20_000)
+    d.add_argument("--schedule", choices=du.SCHEDULE_NAMES, default="cosine")
+    d.add_argument("--T", type=whole(1), default=1000)
+    d.add_argument("--eval-samples", type=whole(1), default=256)
+    d.add_argument("--eval-steps", type=whole(1), default=100, help="at most --T")
     d.add_argument("--half", action="store_true", help="store the weights as float16")
     d.add_argument("--no-fast-path", action="store_true",
                    help="skip bfloat16 autocast (plain float32)")
-    d.add_argument("--log-every", type=int, default=100)
-    d.add_argument("--max-minutes", type=float, default=None,
-                   help="stop early after this long (constant learning rate only); "
-                        "the manifest records the steps done")
+    d.add_argument("--log-every", type=whole(1), default=100)
+    d.add_argument("--max-minutes", type=number(above=0), default=None,
+                   help="stop early after this long of training, before an interruption "
+                        "included (constant learning rate only); the manifest records the "
+                        "steps done")
     d.add_argument("--init-from", default=None,
                    help="start from this shipped checkpoint (e.g. ddpm_shapes) and fine-tune")
     for p in (c, d):
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
         p.add_argument("--data-dir", default=None,
                        help="folder for the checkpoint and its manifest record, also where "
                             "--init-from reads (default: data/; the quality measure always "
-                            "uses the shipped classifier)")
-        p.add_argument("--threads", type=int, default=None,
+                            "uses the shipped classifier); created if missing")
+        p.add_argument("--threads", type=whole(1), default=None,
                        help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--save-every", type=whole(1), default=500,
+                       help="save the state needed by --resume every this many steps "
+                            "(also at the end of training and on Ctrl-C)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run of this same command from "
+                            "<data-dir>/<name>.resume.pt")
     args = parser.parse_args(argv)
+    command = {"classifier": c, "ddpm": d}[args.what]
+    check_arguments(command, args)
+    run = Resumable(NAMES[args.what], args, argv)
+    resumed = run.load(command) if args.resume else None
+    if not args.resume and run.path.exists():
+        print(f"note: {run.path} holds an interrupted run, which this new run replaces at its "
+              "first save; to continue that one instead, stop now and add --resume",
+              file=sys.stderr, flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"classifier": train_classifier, "ddpm": train_ddpm}[args.what](args, argv)
+    train = {"classifier": train_classifier, "ddpm": train_ddpm}[args.what]
+    try:
+        train(args, run, resumed)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        run.stop()
 
 
 if __name__ == "__main__":
