@@ -3,9 +3,11 @@
     python benchmarks/bench_unet.py            # batch 64 of 32x32x3, three rounds
     python benchmarks/bench_unet.py --rounds 5 --steps 3 --variants --threads 1
 
-Rows: our UNet with the fast path that ``du.fast_setup`` picks for this machine, our UNet
-in plain float32, and diffusers' ``UNet2DModel`` with the same channels and attention and
-(within 10%) the same parameter count, in its default float32 and with the same fast path.
+Rows: our UNet with the fast path that ``du.fast_setup`` measures and picks for this machine
+(measured afresh, without its cache; the line above the table says what it chose, its timings
+and how long measuring took), our UNet in plain float32, and diffusers' ``UNet2DModel`` with
+the same channels and attention and (within 10%) the same parameter count, in its default
+float32 and in the mode fast_setup chose for ours.
 Training = forward + MSE loss + backward + AdamW step; sampling = one no_grad forward pass
 of the batch (a sampler makes one per step). The rows are measured in turns, round after
 round, and each keeps its best round, so a busy machine slows all rows alike.
@@ -83,13 +85,6 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def describe(model, autocast) -> str:
-    """The fast path ``fast_setup`` chose, in words."""
-    weight = next(p for p in model.parameters() if p.dim() == 4)
-    layout = "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) else "NCHW"
-    return f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}, {layout}"
-
-
 def channels_last(model):
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
@@ -117,8 +112,9 @@ def main() -> None:
     config = LESSON_03_CONFIG
     torch.manual_seed(0)
     ours = du.UNet(config)
-    fast_ours, fast = du.fast_setup(copy.deepcopy(ours))
-    chosen = describe(fast_ours, fast)
+    fast_ours, fast = du.fast_setup(copy.deepcopy(ours), cache=False)   # measured afresh
+    choice = fast_ours.fast_choice
+    chosen = du._FAST_WORDS[choice.mode]
     rows = {f"our UNet, fast path ({chosen})": (fast_ours, fast, False),
             "our UNet, float32": (ours, contextlib.nullcontext, False)}
     if args.variants:        # the other combinations fast_setup chose between
@@ -133,14 +129,17 @@ def main() -> None:
               "its UNet2DModel. Measuring our rows only.\n")
     else:
         rows["diffusers UNet2DModel, float32 (default)"] = (twin, contextlib.nullcontext, True)
-        fast_twin, twin_fast = du.fast_setup(copy.deepcopy(twin))
+        fast_twin, twin_fast = du.fast_setup(copy.deepcopy(twin), mode=choice.mode)
         rows[f"diffusers UNet2DModel, fast path ({chosen})"] = (fast_twin, twin_fast, True)
 
     print(f"torch {torch.__version__}, {platform.machine()} CPU, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"batch {args.batch} of {config.in_channels}x{config.image_size}x{config.image_size}, "
-          f"config {config}\n")
+          f"config {config}")
+    passes = ", ".join(f"{mode} {1000 * s:.0f} ms" for mode, s in choice.seconds.items())
+    print(f"fast_setup chose {choice.describe()}\n  its best forward + backward pass at batch "
+          f"{choice.batch}: {passes}\n")
     runners = {name: make_runner(m, ac, batch=args.batch, image_size=config.image_size,
                                  diffusers=d) for name, (m, ac, d) in rows.items()}
     best = {name: [float("inf"), float("inf")] for name in rows}

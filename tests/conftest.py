@@ -10,3 +10,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fast_setup_isolated(monkeypatch, tmp_path_factory):
+    """du.fast_setup remembers its choice per device and caches it in the user's folder: keep
+    each test's choice to itself and the cache out of the user's home."""
+    import diffusion_utilities as du
+    monkeypatch.setattr(du, "_FAST_ON_DEVICE", {})
+    monkeypatch.setattr(du, "_FAST_MEASURED", {})
+    monkeypatch.setattr(du, "FAST_SETUP_CACHE", tmp_path_factory.getbasetemp() / "fast_setup.json")

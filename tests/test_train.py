@@ -142,8 +142,10 @@ def test_a_data_folder_that_cannot_hold_checkpoints_is_refused(tmp_path, capsys,
 
 # ── Ctrl-C saves the run, --resume continues it to the same result ──────────────────
 
+# --fast-mode: the same mode in every run (measuring could pick another between two runs)
 TINY_DDPM = ["--num-images", "24", "--batch-size", "8", "--warmup", "1", "--eval-samples", "1",
-             "--eval-steps", "1", "--log-every", "1", "--save-every", "2"]
+             "--eval-steps", "1", "--log-every", "1", "--save-every", "2",
+             "--fast-mode", "float32_channels_last"]
 
 
 @pytest.fixture
@@ -202,7 +204,8 @@ def test_an_interrupted_ddpm_run_resumes_to_the_same_result(tmp_path, capsys, mo
         press_ctrl_c(patch, du.EMA, "update", at_call=2)
         err = stopped([*argv, "--resume"], capsys)
     assert f"after step 4 is saved in {resume_file}" in err
-    assert torch.load(resume_file, weights_only=True)["step"] == 4
+    state = torch.load(resume_file, weights_only=True)
+    assert state["step"] == 4 and state["fast_mode"] == "float32_channels_last"
     train.main([*argv, "--resume"])
     assert not resume_file.exists()
 

@@ -510,9 +510,15 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
     # --init-from: fine-tune the shipped weights (its EMA) and chain the commands
     earlier = Earlier(**resumed["earlier"]) if resumed else \
         start_from(model, args.init_from, args.data_dir)
+    fast_mode = "float32"
     if not args.no_fast_path:
-        model, _ = du.fast_setup(model)  # channels_last on a CPU, bfloat16 on a GPU
-    use_bf16 = not args.no_fast_path and du._bf16_is_fast(device)
+        # the fastest of float32 / channels_last / bfloat16, measured here (or --fast-mode);
+        # a resumed run keeps the mode it started with, so it continues to the same result
+        mode = resumed.get("fast_mode", args.fast_mode) if resumed else args.fast_mode
+        model, _ = du.fast_setup(model, mode=mode)
+        fast_mode = model.fast_choice.mode
+        print(f"fast path: {model.fast_choice.describe()}", flush=True)
+    use_bf16 = fast_mode.startswith("bfloat16")
     schedule = du.NoiseSchedule.create(args.schedule, args.T)
     ema = du.EMA(model, decay=args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # as du.train makes them
@@ -537,7 +543,7 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
                  earlier=dataclasses.asdict(earlier), model=model.state_dict(),
                  ema=ema.state_dict(), ema_updates=ema.num_updates,
                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 data=batches.position())
+                 data=batches.position(), fast_mode=fast_mode)
 
     training = [] if finished else du.train(  # finished: only the evaluation is left
         model, batches, schedule, steps=args.steps, ema=ema, optimizer=optimizer,
@@ -635,8 +641,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--eval-samples", type=whole(1), default=256)
     d.add_argument("--eval-steps", type=whole(1), default=100, help="at most --T")
     d.add_argument("--half", action="store_true", help="store the weights as float16")
+    d.add_argument("--fast-mode", choices=du.FAST_MODES, default=None,
+                   help="run in this mode instead of the fastest one measured here "
+                        "(see du.fast_setup)")
     d.add_argument("--no-fast-path", action="store_true",
-                   help="skip bfloat16 autocast (plain float32)")
+                   help="plain float32 (NCHW), without measuring the faster modes")
     d.add_argument("--log-every", type=whole(1), default=100)
     d.add_argument("--max-minutes", type=number(above=0), default=None,
                    help="stop early after this long of training, before an interruption "
