@@ -1848,7 +1848,7 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
     """
     step_fn = train_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    autocast = _bf16_is_fast(device) if autocast is None else autocast
+    autocast = _bf16_is_fast(device, model) if autocast is None else autocast
     schedule = schedule.to(device)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
     if scheduler is None:
@@ -1962,7 +1962,7 @@ def ddpm_sample(model: nn.Module, shape, schedule: NoiseSchedule, *,
     """
     step_fn = ddpm_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    autocast = _bf16_is_fast(device) if autocast is None else autocast
+    autocast = _bf16_is_fast(device, model) if autocast is None else autocast
     if num_steps is None or num_steps == schedule.T:
         steps_schedule, taus = schedule, torch.arange(schedule.T)
     else:

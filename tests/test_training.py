@@ -1,5 +1,7 @@
 """Lesson 03's library code: the loss, EMA, training step and loop, the DDPM reverse step,
 the sampling loop and the quality measure. A tiny stand-in model keeps these fast."""
+import sys
+
 import pytest
 import torch
 
@@ -92,6 +94,31 @@ def test_ema_warms_up_and_gives_a_state_dict():
     assert set(ema.state_dict()) == set(model.state_dict())
     with pytest.raises(ValueError, match="decay"):
         du.EMA(model, decay=1.0)
+
+
+def test_ema_decay_at_follows_the_warm_up():
+    ema = du.EMA(torch.nn.Linear(2, 2), decay=0.995)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(149) == pytest.approx(150 / 159)         # a 150-step run ends at 0.943
+    assert ema.decay_at(1789) < 0.995 and ema.decay_at(1790) == 0.995
+
+
+def test_ema_uses_the_given_update_fn():
+    calls = []
+
+    def my_update(ema_params, params, decay):
+        calls.append(decay)
+        du.ema_update_(ema_params, params, decay)
+
+    model = torch.nn.Linear(2, 2)
+    ema = du.EMA(model, decay=0.9, update_fn=my_update)
+    reference = du.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    reference.update(model)
+    assert calls == [pytest.approx(0.1)]
+    assert torch.equal(ema.model.weight, reference.model.weight)
 
 
 def test_warmup_lr_factor():
@@ -281,3 +308,66 @@ def test_clipped_last_step_lands_inside_the_pixel_range(name):
     t = torch.zeros(64, dtype=torch.long)
     x = du.ddpm_step(du._eps_with_clipped_x0(eps, xt, t, schedule), xt, t, schedule)
     assert x.abs().max().item() <= 1 + 1e-5
+
+
+# ── progress bars ────────────────────────────────────────────────────────────────────
+
+
+class _FakeKernel:
+    def __init__(self, content):
+        self.content = content
+
+    def get_parent(self):
+        return {"content": self.content}
+
+
+def _fake_ipython(monkeypatch, content):
+    import types
+
+    shell = types.SimpleNamespace(kernel=_FakeKernel(content))
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+
+
+def test_a_kernel_driven_by_a_program_is_told_from_a_frontend(monkeypatch):
+    assert not du._kernel_without_frontend()                  # pytest: no kernel at all
+    _fake_ipython(monkeypatch, {"code": "", "allow_stdin": False})   # nbclient, nbval, papermill
+    assert du._kernel_without_frontend()
+    _fake_ipython(monkeypatch, {"code": "", "allow_stdin": True})    # JupyterLab, VS Code, Colab
+    assert not du._kernel_without_frontend()
+
+
+def test_progress_bar_run_by_a_program_prints_only_its_final_state(monkeypatch, capsys):
+    monkeypatch.setattr(du, "_kernel_without_frontend", lambda: True)
+    bar = du.tqdm(range(1, 6), desc="training", initial=0, total=5)
+    assert isinstance(bar, du._FinalLineBar)
+    for step in bar:
+        bar.set_postfix(loss=f"{step:.1f}")
+        assert capsys.readouterr().out == ""                  # silent while it runs
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "training: 100%" in out and "5/5" in out and "loss=5.0" in out
+    bar.close()                                               # closing twice prints nothing more
+    assert capsys.readouterr().out == ""
+    for _ in du.tqdm(range(3), desc="quiet", disable=True):
+        pass
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_bar_stopped_early_prints_where_it_stopped(monkeypatch, capsys):
+    monkeypatch.setattr(du, "_kernel_without_frontend", lambda: True)
+
+    def loop():
+        for i in du.tqdm(range(10), desc="sampling"):
+            yield i
+
+    for i in loop():
+        if i == 3:
+            break                                             # the generator is closed here
+    assert "sampling:  30%" in capsys.readouterr().out
+
+
+def test_progress_bar_elsewhere_is_tqdm_auto(monkeypatch):
+    from tqdm.auto import tqdm as tqdm_auto
+
+    monkeypatch.setattr(du, "_kernel_without_frontend", lambda: False)
+    bar = du.tqdm(range(2), disable=True)
+    assert isinstance(bar, tqdm_auto) and not isinstance(bar, du._FinalLineBar)
