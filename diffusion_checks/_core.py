@@ -324,6 +324,14 @@ DEVICE_HINT = ("a tensor is created on the CPU inside your code while the inputs
                "runs on a GPU as well")
 
 
+def _device_words(device: torch.device) -> str:
+    """How the learner should read the probe's device."""
+    if device.type == "meta":
+        return ("another device (this check ran your code with PyTorch's `meta` device "
+                "standing in for a GPU)")
+    return device.type
+
+
 class _MetaAsGPU(TorchDispatchMode):
     """Let ``meta`` tensors stand in for a GPU's: a value read back to Python
     (``int(t.min())``, ``loss.item()``) is 0 and a copy to the CPU holds zeros.
@@ -372,12 +380,12 @@ def probe_device(fn, *args, what: str, **kwargs):
         # NotImplementedError included: code that already ran on the CPU is no stub; ``meta``
         # has no kernel for some operations (torch.nonzero, boolean masks).
         if _is_device_error(err):
-            fail(f"{what}: " + DEVICE_HINT.format(device=device.type)
+            fail(f"{what}: " + DEVICE_HINT.format(device=_device_words(device))
                  + f" (PyTorch said: {str(err).splitlines()[0]})")
         return None
     outs = out if isinstance(out, (tuple, list)) else [out]
     for o in outs:
         if isinstance(o, Tensor) and o.device.type != device.type:
             fail(f"{what}: the result is on {o.device.type} although the inputs are on "
-                 f"{device.type} — " + DEVICE_HINT.format(device=device.type))
+                 f"{device.type} — " + DEVICE_HINT.format(device=_device_words(device)))
     return out
