@@ -9,7 +9,7 @@ check_q_sample``.
 from diffusion_checks._core import (  # noqa: F401
     BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK, call, call_pure, changed, close,
     compare, exercise_check, expect_finite, expect_float, expect_tensor, fail, largest_difference,
-    near, other_device, passed, probe_device, snapshot, to_device, yours_if_passed)
+    near, other_device, passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 from diffusion_checks.lesson01 import (check_alpha_bars, check_cosine_beta_schedule,  # noqa: F401
                                        check_linear_beta_schedule, check_q_posterior,
                                        check_q_sample, check_sigmoid_beta_schedule)

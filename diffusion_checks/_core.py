@@ -251,6 +251,20 @@ def close(a: Tensor, b: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -> bo
                                atol=atol, rtol=rtol))
 
 
+def same_values(out, wrong: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Whether ``out`` equals ``wrong``, NaN and inf included: the same entries are not finite
+    (and the same infinities), the finite ones agree. Recognises mistakes that divide by zero."""
+    if not isinstance(out, Tensor) or out.shape != wrong.shape:
+        return False
+    out, wrong = out.detach().double().cpu(), wrong.detach().double().cpu()
+    finite = torch.isfinite(wrong)
+    if not torch.equal(torch.isfinite(out), finite) or not torch.equal(out.isnan(), wrong.isnan()):
+        return False
+    if not torch.equal(out[out.isinf()], wrong[wrong.isinf()]):
+        return False
+    return bool(torch.allclose(out[finite], wrong[finite], atol=atol, rtol=rtol))
+
+
 def largest_difference(out: Tensor, expected: Tensor, *, item_names=None) -> str:
     """"largest difference 0.31 at item 2 (t = 30)": where two same-shape tensors differ most."""
     diff = (out.detach().double().cpu() - expected.detach().double().cpu()).abs()

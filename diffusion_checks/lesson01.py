@@ -9,7 +9,7 @@ import diffusion_utilities as du
 from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK,  # noqa: F401
                     call, call_pure, changed, close, compare, exercise_check, expect_finite,
                     expect_float, expect_tensor, fail, largest_difference, near, other_device,
-                    passed, probe_device, snapshot, to_device, yours_if_passed)
+                    passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 
 
 # ── 01 · Forward process ─────────────────────────────────────────────────────────────
@@ -35,28 +35,13 @@ def _call_01(fn, *args, names: tuple[str, ...] = (), shapes: str = _PER_ITEM_SHA
         fail(f"shapes do not fit ({err}) — {shapes}")
 
 
-def _same_values(out, wrong: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
-    """Whether ``out`` equals ``wrong``, NaN and inf included: the same entries are not finite
-    (and the same infinities), the finite ones agree. Recognises mistakes that divide by zero."""
-    if not isinstance(out, Tensor) or out.shape != wrong.shape:
-        return False
-    out, wrong = out.detach().double().cpu(), wrong.detach().double().cpu()
-    finite = torch.isfinite(wrong)
-    if not torch.equal(torch.isfinite(out), finite) or not torch.equal(out.isnan(), wrong.isnan()):
-        return False
-    if not torch.equal(out[out.isinf()], wrong[wrong.isinf()]):
-        return False
-    return bool(torch.allclose(out[finite], wrong[finite], atol=atol, rtol=rtol))
-
-
 def _expect_repeatable(fn, args: tuple, names: tuple[str, ...], first: Tensor, *, what: str,
                        hint: str) -> None:
     """Fail with ``hint`` when a second call with the same inputs gives another result."""
     again = _call_01(fn, *(a.clone() if isinstance(a, Tensor) else a for a in args), names=names)
     again = again[0] if isinstance(again, (tuple, list)) and again else again
-    if isinstance(again, Tensor) and again.shape == first.shape and not (
-            torch.equal(again.isnan(), first.isnan())
-            and torch.equal(again.nan_to_num(), first.nan_to_num())):
+    if isinstance(again, Tensor) and again.shape == first.shape and not same_values(
+            again, first, atol=0, rtol=0):
         fail(f"{what} gives a different result each time it is called with the same inputs — "
              + hint)
 
@@ -256,7 +241,7 @@ def check_sigmoid_beta_schedule(fn) -> str:
         out = _call_01(fn, T, names=("T",), shapes=_GRID_SHAPES, **kwargs)
         if isinstance(out, Tensor) and out.numel() and not torch.isfinite(out).all():
             for hint, wrong in mistakes.items():  # mistakes that divide by ᾱ = 0
-                if _same_values(out, wrong):
+                if same_values(out, wrong):
                     fail(f"{what} contains NaN or inf: {hint}")
             fail(f"{what} contains NaN or inf: {_SIGMOID_NOT_FINITE}")
         out = _schedule_output(out, T, what, alpha_bar_grid=grid)

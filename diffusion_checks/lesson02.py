@@ -14,7 +14,7 @@ import diffusion_utilities as du
 from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK,  # noqa: F401
                     call, call_pure, changed, close, compare, exercise_check, expect_finite,
                     expect_float, expect_tensor, fail, largest_difference, near, other_device,
-                    passed, probe_device, snapshot, to_device, yours_if_passed)
+                    passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 
 
 # ── 02 · UNet ────────────────────────────────────────────────────────────────────────

@@ -22,7 +22,7 @@ import diffusion_utilities as du
 from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK,  # noqa: F401
                     call, call_pure, changed, close, compare, exercise_check, expect_finite,
                     expect_float, expect_tensor, fail, largest_difference, near, other_device,
-                    passed, probe_device, snapshot, to_device, yours_if_passed)
+                    passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 
 
 # ── 03 · Training and sampling ───────────────────────────────────────────────────────
@@ -408,21 +408,12 @@ def _ddpm_mistakes(model_eps, xt, t, schedule, noise, variance: str) -> dict[str
     }
 
 
-def _same_where_finite(out: Tensor, wrong: Tensor) -> bool:
-    """Whether ``out`` has NaN/inf where ``wrong`` has, and matches it elsewhere."""
-    bad = ~torch.isfinite(out)
-    good = ~bad
-    return (out.shape == wrong.shape and bool(good.any())
-            and torch.equal(bad, ~torch.isfinite(wrong))
-            and close(out[good], wrong[good]))
-
-
 def _expect_step(out, shape, dtype, mistakes: dict[str, Tensor], what: str) -> Tensor:
     """Type, shape and dtype of x_(t-1); NaN/inf named when a known mistake makes them."""
     if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) and \
             not bool(torch.isfinite(out.detach()).all()):
         for hint, wrong in mistakes.items():
-            if _same_where_finite(out.detach().float(), wrong):
+            if same_values(out, wrong) and bool(torch.isfinite(out.detach()).any()):
                 fail(f"{what} is not right: {hint}")
         try:
             expect_finite(out, what=what)
