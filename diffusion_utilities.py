@@ -107,6 +107,19 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+def write_atomically(path, write) -> None:
+    """Write the file ``path`` by calling ``write(temporary)`` on a temporary file in the same
+    folder, then renaming it over ``path``: an interruption leaves the old file or the new
+    one, never a part of one (and no temporary file behind)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 # ── 00 · The shapes data set ─────────────────────────────────────────────────────────
 # A deterministic, offline data set: one coloured shape per image, described by five
 # attributes and a caption. It serves every lesson: unconditional training (images only),
@@ -1420,13 +1433,12 @@ def _write_fast_cache(key: str, choice: FastChoice) -> None:
         entries = {}
     entries = entries if isinstance(entries, dict) else {}
     entries[key] = dataclasses.asdict(choice)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = json.dumps(entries, indent=1, sort_keys=True) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: temporary.write_text(text))
     except OSError:
-        temporary.unlink(missing_ok=True)
+        pass
 
 
 def _measured_choice(model: nn.Module, device: torch.device, *, cache: bool, batch,
@@ -1614,12 +1626,8 @@ class CheckpointManifest:
         an interruption leaves the old manifest or the new one, never a part of one.
         """
         self.entries.setdefault(name, {}).update(fields)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps(self.entries, indent=2, sort_keys=True) + "\n")
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        text = json.dumps(self.entries, indent=2, sort_keys=True) + "\n"
+        write_atomically(self.path, lambda temporary: temporary.write_text(text))
 
 
 def load_checkpoint(name: str, *, data_dir=None) -> dict[str, Tensor]:
@@ -1659,15 +1667,10 @@ def save_checkpoint(name: str, state_dict: dict, *, command: str, data_dir=None,
     path = manifest.path.parent / f"{name}.pt"
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in state_dict.items()}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, temporary)
-        sha256, size_bytes = file_sha256(temporary), temporary.stat().st_size
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    manifest.update(name, file=path.name, sha256=sha256, size_bytes=size_bytes,
-                    command=command, dtype="float16" if half else "float32", **record)
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+    manifest.update(name, file=path.name, sha256=file_sha256(path),
+                    size_bytes=path.stat().st_size, command=command,
+                    dtype="float16" if half else "float32", **record)
     return manifest.entries[name]
 
 

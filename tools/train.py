@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import platform
 import random
 import shlex
@@ -321,12 +320,7 @@ class Resumable:
         to a temporary file in the same folder, then renamed over the old one."""
         state = {"argv": self.argv, "arguments": self.arguments, "step": step,
                  "rng": rng_states(), **state}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(state, temporary)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        du.write_atomically(self.path, lambda temporary: torch.save(state, temporary))
         self.saved_step = step
 
     def stop(self) -> None:
