@@ -6,7 +6,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from tools import reset
-from tools.make_exercises import BEGIN, END, exercise_bytes
+from tools.make_exercises import BEGIN, END, backup_path, exercise_bytes
 
 
 @pytest.fixture
@@ -116,11 +116,11 @@ def test_needs_lessons_or_all(course, capsys):
 def test_backup_names_never_collide(tmp_path):
     lesson = tmp_path / "01_first.ipynb"
     now = datetime(2025, 1, 2, 3, 4, 5)
-    first = reset.backup_path(lesson, now)
+    first = backup_path(lesson, now)
     first.parent.mkdir()
     first.write_text("{}")
     assert first.name == "01_first.20250102-030405.ipynb"
-    assert reset.backup_path(lesson, now).name == "01_first.20250102-030405-2.ipynb"
+    assert backup_path(lesson, now).name == "01_first.20250102-030405-2.ipynb"
 
 
 def test_an_unchanged_copy_of_an_earlier_version_is_not_work(course):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from tools.make_exercises import (BACKUPS, LESSONS, SOLUTIONS, exercise_bytes, has_work,
                                   save_backup)
-from tools.make_exercises import backup_path  # noqa: F401  (how backups are named)
 
 
 def select(prefixes: list[str], solutions: Path = SOLUTIONS) -> list[Path]:
