@@ -19,7 +19,8 @@ name                    symbol    meaning
                                   after step t (its amplitude is sqrt(ᾱ_t)). NB: the DDIM
                                   paper (Song et al. 2021) writes α_t for our ᾱ_t.
 ``alpha_bar_t``         ᾱ_t       ᾱ at the batch's timesteps, broadcast to ``(B, 1, 1, 1)``
-``alpha_bar_prev``      ᾱ_{t-1}   ᾱ one step earlier; 1 for t = 0 (nothing before step 0)
+``alpha_bar_prev``      ᾱ_{t-1}   ᾱ one step earlier; 1 for t = 0 (nothing before step 0);
+                                  in DDIM, ᾱ at ``t_prev`` (1 for t_prev = -1)
 ``x0``                  x_0       clean image, ``(B, C, H, W)``, pixel values in [-1, 1]
 ``xt``                  x_t       noised image after step t (at t = 0: one step of noise;
                                   x_0 always means the clean image)
@@ -29,6 +30,15 @@ name                    symbol    meaning
 ``snr``, ``log_snr``    SNR_t     ᾱ_t / (1 - ᾱ_t) and its logarithm: the ratio of the
                                   signal's variance to the noise's in x_t for data of unit
                                   variance (data of variance σ² give σ² · SNR_t)
+``x0_hat``              x̂_0       the clean image predicted from x_t and ε:
+                                  (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)
+``score``               ∇log q_t  ∇_x log q_t(x_t), the score of the noised data:
+                                  -ε / sqrt(1 - ᾱ_t) for the ideal ε
+``t_prev``              τ_{i-1}   the timestep a DDIM step goes to, any earlier one;
+                                  -1 = past the last step, the clean data (ᾱ = 1)
+``eta``                 η         DDIM's noise scale: 0 deterministic, 1 like DDPM
+``ddim_sigma``          σ_t       the standard deviation of the noise a DDIM step adds
+                                  (DDIM, Song et al. 2021, eq. 16)
 ======================  ========  ==========================================================
 
 Timesteps here and in the papers. The papers (DDPM and those after it) number the steps
@@ -1060,6 +1070,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = None    # class labels 0..num_classes-1; num_classes = "no label"
     context_dim: int | None = None    # width of the context sequence for cross-attention
+    attribute_dim: int | None = None  # width of a context vector (lesson 04: multi-hot attributes)
     image_size: int = 32
 
     @property
@@ -1071,13 +1082,14 @@ class UNetLevel(nn.Module):
     """The blocks at one resolution: ``num_blocks`` ResBlocks, each followed by
     self-attention (and cross-attention to the context, if any) when ``attention``.
 
-    ``res_block`` and ``attention_block`` are the classes to build them from (the
-    library's by default; a lesson passes the learner's own, with the same signatures).
+    ``res_block``, ``attention_block`` and ``cross_attention`` are the classes to build them
+    from (the library's by default; a lesson passes the learner's own, with the same
+    signatures).
     """
 
     def __init__(self, in_ch: int, out_ch: int, config: UNetConfig, *, num_blocks: int,
                  attention: bool, skip_channels: int = 0, res_block=ResBlock,
-                 attention_block=SelfAttention):
+                 attention_block=SelfAttention, cross_attention=CrossAttention):
         super().__init__()
         self.in_channels, self.skip_channels = in_ch, skip_channels
         kw = dict(heads=config.heads, groups=config.groups)
@@ -1090,7 +1102,7 @@ class UNetLevel(nn.Module):
                 layers.append(attention_block(out_ch, **kw))
                 kinds.append("self")
                 if config.context_dim is not None:
-                    layers.append(CrossAttention(out_ch, config.context_dim, **kw))
+                    layers.append(cross_attention(out_ch, config.context_dim, **kw))
                     kinds.append("cross")
         self.layers = nn.ModuleList(layers)
         self.kinds = tuple(kinds)
@@ -1121,34 +1133,43 @@ class UNet(nn.Module):
     up:     per level, deepest first: concatenate the skip -> blocks -> Upsample (not after the top)
     out:    GroupNorm -> SiLU -> conv3x3 (starts at zero)
 
-    ``forward(x, t, *, labels=None, context=None, context_mask=None)``: ``x`` ``(B, C, H, W)``,
-    ``t`` ``(B,)``, ``labels`` ``(B,)`` integers in [0, num_classes] (num_classes = "no label",
-    for classifier-free guidance), ``context`` ``(B, L, context_dim)``, ``context_mask``
-    ``(B, L)`` bool (True = real token).
+    ``forward(x, t, *, labels=None, context=None, context_mask=None, attributes=None)``:
+    ``x`` ``(B, C, H, W)``, ``t`` ``(B,)``, ``labels`` ``(B,)`` integers in [0, num_classes]
+    (num_classes = "no label", for classifier-free guidance), ``context`` ``(B, L, context_dim)``,
+    ``context_mask`` ``(B, L)`` bool (True = real token), ``attributes`` ``(B, attribute_dim)``
+    a context vector (all zeros = nothing asked, see :class:`AttributeEmbedding`).
 
-    ``res_block``, ``attention`` and ``time_embedding`` are what the UNet is built from: by
-    default the library's :class:`ResBlock`, :class:`SelfAttention` and
-    :func:`sinusoidal_embedding`. Blocks with the same signatures and layer names (lesson 02
+    ``res_block``, ``attention``, ``time_embedding``, ``attribute_embedding`` and
+    ``cross_attention`` are what the UNet is built from: by default the library's
+    :class:`ResBlock`, :class:`SelfAttention`, :func:`sinusoidal_embedding`,
+    :class:`AttributeEmbedding` (lesson 04) and :class:`CrossAttention`. Blocks with the same signatures and layer names (lesson 02
     passes the learner's own) give the same parameter names, so checkpoints load into either.
     """
 
     def __init__(self, config: UNetConfig, *, res_block=ResBlock, attention=SelfAttention,
-                 time_embedding=sinusoidal_embedding):
+                 time_embedding=sinusoidal_embedding, attribute_embedding=None,
+                 cross_attention=CrossAttention):
         super().__init__()
+        attribute_embedding = attribute_embedding or AttributeEmbedding  # lesson 04's, below
         for name, value in [("res_block", res_block), ("attention", attention),
-                            ("time_embedding", time_embedding)]:
+                            ("time_embedding", time_embedding),
+                            ("attribute_embedding", attribute_embedding),
+                            ("cross_attention", cross_attention)]:
             if not callable(value):
                 raise ValueError(f"UNet expected {name} to be a class or function, got "
                                  f"{type(value).__name__}")
         self.config = c = config
         self.time_embedding = time_embedding              # t (B,) -> (B, base_channels)
-        blocks = dict(res_block=res_block, attention_block=attention)
+        blocks = dict(res_block=res_block, attention_block=attention,
+                      cross_attention=cross_attention)
         chans = [c.base_channels * m for m in c.channel_mults]
         sizes = [c.image_size // 2**i for i in range(len(chans))]
         self.time_mlp = nn.Sequential(nn.Linear(c.base_channels, c.time_dim), nn.SiLU(),
                                       nn.Linear(c.time_dim, c.time_dim))
         self.class_emb = (nn.Embedding(c.num_classes + 1, c.time_dim)
                           if c.num_classes is not None else None)
+        self.attribute_emb = (attribute_embedding(c.attribute_dim, c.time_dim)
+                              if c.attribute_dim is not None else None)
         self.in_conv = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         ch = chans[0]
@@ -1170,20 +1191,26 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(c.groups, ch), nn.SiLU(),
                                  _zero_(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
 
-    def embed(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Time embedding (+ class embedding): ``(B,) -> (B, time_dim)``."""
+    def embed(self, t: Tensor, labels: Tensor | None = None,
+              attributes: Tensor | None = None) -> Tensor:
+        """Time embedding, plus the class embedding and the context-vector embedding when
+        the UNet has them: ``(B,) -> (B, time_dim)``. Joining a condition to the time
+        embedding this way lets it reach every ResBlock (lesson 04)."""
         emb = self.time_mlp(self.time_embedding(t, self.config.base_channels))
         if self.class_emb is not None:
             if labels is None:
                 raise ValueError(f"UNet.embed: this UNet has a class embedding (num_classes="
                                  f"{self.config.num_classes}), so pass labels too")
             emb = emb + self.class_emb(labels)            # (B, time_dim)
+        if self.attribute_emb is not None:
+            emb = emb + self.attribute_emb(attributes).to(emb.dtype)   # (B, time_dim)
         return emb
 
     def forward(self, x: Tensor, t: Tensor, *, labels: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        self.check_inputs(x, t, labels, context, context_mask)
-        emb = self.embed(t, labels)                               # (B, time_dim)
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                attributes: Tensor | None = None) -> Tensor:
+        self.check_inputs(x, t, labels, context, context_mask, attributes)
+        emb = self.embed(t, labels, attributes)                   # (B, time_dim)
         h = self.in_conv(x)                                       # (B, C_0, H, W)
         skips = []
         for level, down in zip(self.down, self.downsample):
@@ -1197,7 +1224,7 @@ class UNet(nn.Module):
             h = up(h)
         return self.out(h).to(x.dtype)                            # (B, out_channels, H, W)
 
-    def check_inputs(self, x, t, labels, context, context_mask) -> None:
+    def check_inputs(self, x, t, labels, context, context_mask, attributes=None) -> None:
         """Raise ValueError naming what was expected when an input does not fit the config."""
         c, n_down = self.config, len(self.config.channel_mults) - 1
         if x.dim() != 4 or x.shape[1] != c.in_channels:
@@ -1211,6 +1238,21 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expected t of shape (B,) = ({B},), got {tuple(t.shape)}")
         self._check_labels(labels, B)
         self._check_context(context, context_mask, B)
+        self._check_attributes(attributes, B)
+
+    def _check_attributes(self, attributes, B: int) -> None:
+        d = self.config.attribute_dim
+        if d is None:
+            if attributes is not None:
+                raise ValueError("UNet got attributes but was built without attribute_dim "
+                                 "(UNetConfig(attribute_dim=...))")
+            return
+        if attributes is None or tuple(attributes.shape) != (B, d) \
+                or not attributes.is_floating_point():
+            got = None if attributes is None else f"{attributes.dtype} {tuple(attributes.shape)}"
+            raise ValueError(f"UNet was built with attribute_dim={d}: pass attributes, a float "
+                             f"context vector of shape ({B}, {d}) (all zeros = nothing asked), "
+                             f"got {got}")
 
     def _check_labels(self, labels, B: int) -> None:
         n = self.config.num_classes
@@ -1678,7 +1720,8 @@ def save_checkpoint(name: str, state_dict: dict, *, command: str, data_dir=None,
 
 
 def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, *,
-                   t: Tensor | None = None, eps: Tensor | None = None, **cond) -> Tensor:
+                   t: Tensor | None = None, eps: Tensor | None = None,
+                   min_snr_gamma: float | None = None, **cond) -> Tensor:
     """The simple noise-prediction loss  (DDPM, Ho et al. 2020, eq. 14, Algorithm 1):
 
     L = E_{t, x_0, ε} ‖ε - ε_θ(sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε, t)‖²
@@ -1686,6 +1729,9 @@ def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, *,
     ``x0``: ``(B, C, H, W)``; ``t`` (optional, ``(B,)``) and ``eps`` (optional, like ``x0``)
     are drawn here when not given; ``cond`` goes to the model (``labels=``, ``context=``).
     Returns the mean over every pixel of the batch, a scalar tensor with its graph.
+    ``min_snr_gamma=γ`` weights each image's error by min(SNR_t, γ) / SNR_t (min-SNR-γ,
+    Hang et al. 2023, eq. 8 for ε-prediction), so that the many easy low-noise timesteps
+    do not dominate the gradient; off by default.
     """
     if x0.ndim != 4:
         raise ValueError(f"x0 must be a batch of images (B, C, H, W), got shape {tuple(x0.shape)}")
@@ -1696,7 +1742,11 @@ def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, *,
         eps = torch.randn_like(x0)                       # ε ~ N(0, I), (B, C, H, W)
     xt = q_sample(x0, t, eps, schedule)                  # DDPM eq. 4
     eps_pred = model(xt, t, **cond)                      # ε_θ(x_t, t), (B, C, H, W)
-    return F.mse_loss(eps_pred.float(), eps.float())     # mean over B, C, H, W
+    if min_snr_gamma is None:
+        return F.mse_loss(eps_pred.float(), eps.float())     # mean over B, C, H, W
+    snr_t = extract(schedule.alpha_bars / (1 - schedule.alpha_bars), t, x0.shape).float()
+    weight = snr_t.clamp(max=min_snr_gamma) / snr_t           # (B, 1, 1, 1)
+    return (weight * (eps_pred.float() - eps.float()) ** 2).mean()
 
 
 # Exponential moving average of the weights
@@ -1762,7 +1812,8 @@ def autocast_context(device, *, enabled: bool):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor,
                schedule: NoiseSchedule, *, max_grad_norm: float | None = 1.0, scheduler=None,
-               ema: EMA | None = None, autocast: bool = False, **cond) -> float:
+               ema: EMA | None = None, autocast: bool = False,
+               min_snr_gamma: float | None = None, **cond) -> float:
     """One step of DDPM training (Ho et al. 2020, Algorithm 1), returning the loss as a float.
 
     1. clear the old gradients; 2. the loss of :func:`diffusion_loss`; 3. backpropagate;
@@ -1773,7 +1824,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor,
     model.train()
     optimizer.zero_grad(set_to_none=True)                            # 1.
     with autocast_context(x0.device, enabled=autocast):
-        loss = diffusion_loss(model, x0, schedule, **cond)           # 2.
+        loss = diffusion_loss(model, x0, schedule, min_snr_gamma=min_snr_gamma, **cond)  # 2.
     loss.backward()                                                  # 3.
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)  # 4.
@@ -1831,7 +1882,8 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
           lr: float = 2e-4, warmup_steps: int = 100, lr_shape: str = "constant",
           max_grad_norm: float | None = 1.0, ema: EMA | None = None, optimizer=None,
           cond_fn=None, autocast: bool | None = None, device=None, progress: bool = True,
-          step_fn=None, scheduler=None, start_step: int = 0):
+          step_fn=None, scheduler=None, start_step: int = 0,
+          min_snr_gamma: float | None = None):
     """Train ``model`` to predict the noise, yielding a :class:`TrainState` after every step.
 
     A generator, so a notebook can plot the loss as it falls::
@@ -1848,6 +1900,8 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
     (default :func:`train_step`; a lesson passes the learner's own).
     To continue an interrupted run, pass its ``optimizer`` and learning-rate ``scheduler``
     with their saved states loaded, and ``start_step``, the steps it had done.
+    ``min_snr_gamma``: the loss weighting of :func:`diffusion_loss` (passed to ``step_fn``
+    only when given).
     """
     step_fn = train_step if step_fn is None else step_fn
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -1869,7 +1923,8 @@ def train(model: nn.Module, batches, schedule: NoiseSchedule, *, steps: int,
                 for k, v in (cond_fn(batch) if cond_fn else {}).items()}
         lr_now = optimizer.param_groups[0]["lr"]
         loss = step_fn(model, optimizer, x0, schedule, max_grad_norm=max_grad_norm,
-                       scheduler=scheduler, ema=ema, autocast=autocast, **cond)
+                       scheduler=scheduler, ema=ema, autocast=autocast, **cond,
+                       **({} if min_snr_gamma is None else {"min_snr_gamma": min_snr_gamma}))
         if step % 10 == 0 or step == steps:
             bar.set_postfix(loss=f"{loss:.4f}")
         yield TrainState(step=step, loss=loss, lr=lr_now)
@@ -2075,3 +2130,866 @@ def recognised_fraction(images: Tensor, classifier: AttributeClassifier, *,
         logits = classifier(images[start:start + batch_size].to(device).float())["shape"]
         confident += int((logits.softmax(-1).amax(-1) >= threshold).sum())
     return confident / len(images)
+
+
+# Measuring quality: distances between sets of images, on the classifier's features
+#
+# The recognised fraction judges each image alone, so a model that draws the same perfect
+# star every time scores 1.0. A distance between the SET of samples and a set of real images
+# also sees what is missing: the variety. Both distances below compare the two sets through
+# the classifier's features, as FID and KID do through those of an Inception network.
+
+REFERENCE_SEED = 30_000   # real images to measure against: a seed no training or test set uses
+
+
+def reference_images(n: int, *, seed: int = REFERENCE_SEED, split: str = "train") -> Tensor:
+    """``n`` real shapes images ``(n, 3, 32, 32)`` float32 in [-1, 1], the set that samples
+    are measured against. The default ``seed`` is one that no training run or test of the
+    course draws from, so these are images the models never saw."""
+    return from_uint8(make_shapes(n, seed=seed, split=split).images)
+
+
+@torch.no_grad()
+def classifier_features(images: Tensor, classifier: AttributeClassifier, *,
+                        batch_size: int = 256) -> Tensor:
+    """The classifier's pooled penultimate features of ``images`` ``(N, 3, 32, 32)`` in
+    [-1, 1]: ``classifier.features(x)``, ``(N, 4 · width)`` — 64 numbers per image for the
+    shipped classifier — returned in float64 on the CPU for the statistics that follow.
+
+    Why this layer: it is the last that still describes the whole image. Everything the
+    classifier learned to see — shape, colour, size, position, background — is in it, averaged
+    over the image, before the heads collapse it to five labels. So distances between sets of
+    these vectors see how varied a set is and how real its images look, not only whether each
+    one is "a star". FID (Heusel et al. 2017) does the same with the 2048 pool3 features of an
+    Inception network trained on ImageNet; here the course's own classifier, trained on the
+    shapes, plays that part, with nothing to download.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.numel():
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor (N, 3, H, W) of at least one image, got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype} "
+                         "(du.from_uint8 converts uint8 pixels)")
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    feats = [classifier.features(images[i:i + batch_size].to(device).float()).double().cpu()
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(feats)                                    # (N, F) float64
+
+
+def gaussian_frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """The squared Fréchet (2-Wasserstein) distance between N(μ₁, Σ₁) and N(μ₂, Σ₂):
+
+        d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2})
+
+    (Fréchet 1957; Dowson & Landau 1982; FID, Heusel et al. 2017, eq. 6). Means ``(d,)`` and
+    covariances ``(d, d)``, tensors or arrays, computed in float64. Tr (Σ₁ Σ₂)^{1/2} is the sum of
+    the square roots of the eigenvalues of sqrt(Σ₁) Σ₂ sqrt(Σ₁): the same eigenvalues as Σ₁ Σ₂,
+    but of a symmetric matrix, so ``eigvalsh`` finds them stably and real.
+    """
+    values = [torch.as_tensor(v).to("cpu", torch.float64) for v in (mu1, cov1, mu2, cov2)]
+    mu1, cov1, mu2, cov2 = values
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
+        raise ValueError("expected means (d,) and covariances (d, d) of one width d, got shapes "
+                         + ", ".join(str(tuple(v.shape)) for v in values))
+    if not all(torch.isfinite(v).all() for v in (mu1, cov1, mu2, cov2)):
+        raise ValueError("means and covariances must be finite, got NaN or inf")
+    if not (torch.allclose(cov1, cov1.T) and torch.allclose(cov2, cov2.T)):
+        raise ValueError("covariances must be symmetric (d, d) matrices")
+    # 1. sqrt(Σ₁) from Σ₁ = V diag(λ) Vᵀ (an eigenvalue below 0 is rounding: clamp it)
+    lam, V = torch.linalg.eigh(cov1)
+    sqrt_cov1 = (V * lam.clamp(min=0).sqrt()) @ V.T
+    # 2. Tr (Σ₁ Σ₂)^{1/2} = Σ_i sqrt(λ_i(sqrt(Σ₁) Σ₂ sqrt(Σ₁)))
+    middle = sqrt_cov1 @ cov2 @ sqrt_cov1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    # 3. the distance: never below 0, except by rounding
+    d2 = (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
+    return max(float(d2), 0.0)
+
+
+def _check_feature_sets(feats_a, feats_b) -> tuple[Tensor, Tensor]:
+    """Both sets as float64 CPU tensors (N, F) and (M, F), or a ValueError naming the problem."""
+    a, b = (torch.as_tensor(f).to("cpu", torch.float64) for f in (feats_a, feats_b))
+    for name, f in (("feats_a", a), ("feats_b", b)):
+        if f.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (N, F), one feature vector per image "
+                             f"(du.classifier_features), got shape {tuple(f.shape)}")
+        if len(f) < 2:
+            raise ValueError(f"{name} must hold at least 2 feature vectors, got {len(f)}")
+        if not torch.isfinite(f).all():
+            raise ValueError(f"{name} holds NaN or inf features: were the images finite?")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError("both feature sets must have the same width F (one classifier), "
+                         f"got {a.shape[1]} and {b.shape[1]}")
+    return a, b
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """The Fréchet distance between two sets of features ``(N, F)`` and ``(M, F)``: each set
+    summarised by the Gaussian of its mean and covariance, then ``gaussian_frechet_distance``
+    — FID (Heusel et al. 2017, eq. 6), on the classifier's features.
+
+    Estimated from samples, it is biased upwards: two sets drawn from one distribution are
+    at a distance above 0 that shrinks roughly like 1/N (Chong & Forsyth 2020, "Effectively
+    unbiased FID"). Compare distances measured with the same numbers of images only.
+    """
+    a, b = _check_feature_sets(feats_a, feats_b)
+    return gaussian_frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+def _polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
+    """k(x, y) = (xᵀy / d + 1)³ for every pair of rows: (N, d), (M, d) -> (N, M)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def kernel_distance(feats_a, feats_b, *, subsets: int = 100, subset_size: int = 1000) -> float:
+    """The kernel distance (KID, Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased
+    estimate of the squared maximum mean discrepancy (Gretton et al. 2012, "A kernel
+    two-sample test", Lemma 6) between two sets of features x ``(N, F)`` and y ``(M, F)``,
+
+        MMD²_u = Σ_{i≠j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m − 1)) − 2 Σ_{i,j} k(x_i, y_j) / m²
+
+    with the polynomial kernel k(x, y) = (xᵀy / F + 1)³, averaged over ``subsets`` subsets of
+    m = min(``subset_size``, N, M) vectors of each set (the same subsets on every call; one
+    pass when m takes both sets whole). Unbiased: for two sets drawn from one distribution it
+    is 0 on average at any m, so it can come out slightly below 0.
+    """
+    a, b = _check_feature_sets(feats_a, feats_b)
+    subsets = _check_int(subsets, "subsets", 1, 10**6)
+    m = min(_check_int(subset_size, "subset_size", 2, 10**7), len(a), len(b))
+    if m == len(a) == len(b):
+        subsets = 1                                            # every subset would be the same
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=generator)[:m]]                  # (m, F)
+        y = b[torch.randperm(len(b), generator=generator)[:m]]                  # (m, F)
+        k_xx, k_yy = _polynomial_kernel(x, x), _polynomial_kernel(y, y)         # (m, m)
+        within = k_xx.sum() - k_xx.trace() + k_yy.sum() - k_yy.trace()          # pairs i ≠ j
+        total += float(within / (m * (m - 1)) - 2 * _polynomial_kernel(x, y).mean())
+    return total / subsets
+
+
+def distribution_distances(images: Tensor, reference: Tensor, classifier: AttributeClassifier, *,
+                           batch_size: int = 256) -> dict[str, float]:
+    """How far the set ``images`` is from the set ``reference`` (real images, e.g.
+    ``reference_images(n)``), both ``(N, 3, 32, 32)`` in [-1, 1]: ``{"frechet": ...,
+    "kernel": ...}``, ``frechet_distance`` and ``kernel_distance`` of their
+    ``classifier_features``. Lower is closer; both are estimated from samples, so compare only
+    numbers measured with the same numbers of images."""
+    feats = classifier_features(images, classifier, batch_size=batch_size)
+    feats_ref = classifier_features(reference, classifier, batch_size=batch_size)
+    return {"frechet": frechet_distance(feats, feats_ref),
+            "kernel": kernel_distance(feats, feats_ref)}
+
+
+# ── 04 · Conditioning ────────────────────────────────────────────────────────────────
+
+import re  # noqa: E402  (this lesson's imports, kept with its section)
+
+#
+# A condition c (a class, a set of attributes, a caption) enters the model in one of two ways:
+# joined with the time embedding, so it reaches every ResBlock (classes, context vectors), or
+# as a sequence the feature map attends to by cross-attention (the tokens of a caption).
+# Training sometimes drops it (to a learned "null" condition), so that one network learns
+# both p(x | c) and p(x): the preparation for classifier-free guidance (lesson 08).
+
+ATTRIBUTE_DIM = sum(len(values) for values in ATTRIBUTE_VALUES)   # 21: 6 + 6 + 2 + 5 + 2
+
+
+def attribute_vector(labels: Tensor) -> Tensor:
+    """The multi-hot context vector of attribute labels: one one-hot block per attribute,
+    concatenated in ``ATTRIBUTES`` order (shape, colour, size, position, background).
+
+    ``labels`` ``(B, 5)`` integers (a label of -1 leaves its block zero: that attribute is
+    not asked for) -> ``(B, ATTRIBUTE_DIM)`` float32, on the labels' device.
+    """
+    if labels.ndim != 2 or labels.shape[1] != len(ATTRIBUTES) or labels.is_floating_point():
+        raise ValueError(f"labels must be integers of shape (B, {len(ATTRIBUTES)}) in the order "
+                         f"{ATTRIBUTES}, got {labels.dtype} of shape {tuple(labels.shape)}")
+    blocks = []
+    for i, values in enumerate(ATTRIBUTE_VALUES):
+        column = labels[:, i]
+        if column.numel() and (column.min() < -1 or column.max() >= len(values)):
+            raise ValueError(f"{ATTRIBUTES[i]} labels must lie in [-1, {len(values) - 1}] "
+                             f"(-1 = not asked), got values in "
+                             f"[{column.min().item()}, {column.max().item()}]")
+        hot = F.one_hot(column.clamp(min=0), len(values)).float()        # (B, K_i)
+        blocks.append(hot * (column >= 0).float().unsqueeze(1))
+    return torch.cat(blocks, dim=1)                                      # (B, 21)
+
+
+def context_vector(**chosen: str) -> Tensor:
+    """The context vector ``(ATTRIBUTE_DIM,)`` asking for the named values, e.g.
+    ``context_vector(shape="star", colour="red")``; attributes not named stay zero."""
+    labels = torch.full((1, len(ATTRIBUTES)), -1, dtype=torch.long)
+    for name, value in chosen.items():
+        if name not in ATTRIBUTES:
+            raise ValueError(f"unknown attribute {name!r}: expected one of {ATTRIBUTES}")
+        values = ATTRIBUTE_VALUES[ATTRIBUTES.index(name)]
+        if value not in values:
+            raise ValueError(f"{name} must be one of {values}, got {value!r}")
+        labels[0, ATTRIBUTES.index(name)] = values.index(value)
+    return attribute_vector(labels)[0]
+
+
+class AttributeEmbedding(nn.Module):
+    """A context vector c ``(B, attribute_dim)`` -> its embedding ``(B, time_dim)``, which the
+    UNet adds to the time embedding:
+
+        e(c) = W₂ SiLU(W₁ c + b₁) + b₂      for c ≠ 0,       e(0) = e_∅ (learned)
+
+    An all-zero row means "nothing asked": it gets the learned null embedding ``null``, the
+    condition classifier-free guidance compares against. The last layer and ``null`` start
+    at zero, so a fresh embedding leaves a trained unconditional UNet unchanged.
+    """
+
+    def __init__(self, attribute_dim: int, time_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(attribute_dim, time_dim), nn.SiLU(),
+                                 _zero_(nn.Linear(time_dim, time_dim)))
+        self.null = nn.Parameter(torch.zeros(time_dim))
+
+    def forward(self, c: Tensor) -> Tensor:
+        emb = self.mlp(c)                                     # (B, time_dim)
+        is_null = (c == 0).all(dim=1, keepdim=True)           # (B, 1)
+        return torch.where(is_null, self.null.to(emb.dtype), emb)
+
+
+def drop_condition(c: Tensor, p: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """Condition dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1):
+    each row of the context vectors ``c`` ``(B, D)`` becomes all zeros ("nothing asked")
+    with probability ``p``, independently; the other rows are returned unchanged. ``c`` itself
+    is not modified."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p}")
+    if c.ndim != 2:
+        raise ValueError(f"c must be a batch of context vectors (B, D), got shape {tuple(c.shape)}")
+    u = torch.rand(c.shape[0], generator=generator, device=c.device)   # (B,)
+    keep = (u >= p).to(c.dtype).unsqueeze(1)                           # (B, 1)
+    return c * keep
+
+
+# Text: captions -> token ids -> a context sequence for cross-attention
+
+
+def caption_vocabulary() -> tuple[str, ...]:
+    """Every word the shapes captions use (and the attribute names), sorted."""
+    words = set()
+    for template in _CAPTION_TEMPLATES:
+        words.update(_words(template.format(shape="", colour="", a_colour="a an", size="",
+                                            position="", background="")))
+    for values in ATTRIBUTE_VALUES:
+        for value in values:
+            words.update(_words(value))
+    return tuple(sorted(words))
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, punctuation dropped: "Red star, centre." -> ["red", "star", "centre"]."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+class WordTokenizer:
+    """A word-level tokenizer: caption -> ids of its words, after a start token.
+
+    ``encode(captions)`` -> ``(ids (B, L) long, mask (B, L) bool)``, padded to the longest
+    caption (``mask`` is True for real tokens). Id 0 is the padding, id 1 the start token
+    ``<s>`` that every caption begins with — so the empty caption "" is just ``<s>``: the
+    null condition. A word not in the vocabulary raises ValueError naming it. Lesson 06
+    replaces this with CLIP's text encoder; the interface stays.
+    """
+
+    PAD, START = "<pad>", "<s>"
+
+    def __init__(self, vocabulary=None):
+        words = tuple(vocabulary) if vocabulary is not None else caption_vocabulary()
+        self.vocabulary = (self.PAD, self.START, *words)
+        self.ids = {w: i for i, w in enumerate(self.vocabulary)}
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    def encode(self, captions) -> tuple[Tensor, Tensor]:
+        if isinstance(captions, str):
+            captions = [captions]
+        rows = []
+        for caption in captions:
+            unknown = [w for w in _words(caption) if w not in self.ids]
+            if unknown:
+                raise ValueError(f"unknown word {unknown[0]!r} in {caption!r}: the tokenizer "
+                                 f"knows the {len(self.vocabulary) - 2} words of the shapes "
+                                 f"captions (WordTokenizer().vocabulary)")
+            rows.append([self.ids[self.START]] + [self.ids[w] for w in _words(caption)])
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids, ids != 0
+
+    def decode(self, ids: Tensor) -> list[str]:
+        """The words back from ids ``(B, L)``, start and padding left out."""
+        return [" ".join(self.vocabulary[i] for i in row.tolist() if i > 1) for row in ids]
+
+
+class TextEmbedding(nn.Module):
+    """Token ids ``(B, L)`` -> a context sequence ``(B, L, dim)`` for cross-attention:
+    a learned embedding per word plus a learned embedding per position (as in GPT-2)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, max_length: int = 32):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, dim)
+        self.position = nn.Embedding(max_length, dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[1] > self.position.num_embeddings:
+            raise ValueError(f"captions may have at most {self.position.num_embeddings} tokens, "
+                             f"got {ids.shape[1]}")
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.token(ids) + self.position(positions)                # (B, L, dim)
+
+
+class CaptionUNet(nn.Module):
+    """A UNet conditioned on captions: token ids -> :class:`TextEmbedding` -> the context
+    sequence its cross-attention layers attend to. ``forward(x, t, *, ids, mask)`` with
+    ``ids``, ``mask`` from :meth:`WordTokenizer.encode`; ``config.context_dim`` is the width
+    of the word embeddings; ``unet_kwargs`` go to :class:`UNet` (e.g. ``cross_attention=``)."""
+
+    def __init__(self, config: UNetConfig, vocab_size: int, **unet_kwargs):
+        super().__init__()
+        if config.context_dim is None:
+            raise ValueError("CaptionUNet needs UNetConfig(context_dim=...), the width of "
+                             "the word embeddings")
+        self.text = TextEmbedding(vocab_size, config.context_dim)
+        self.unet = UNet(config, **unet_kwargs)
+
+    def forward(self, x: Tensor, t: Tensor, *, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.unet(x, t, context=self.text(ids), context_mask=mask)
+
+
+# Measuring conditional samples: does each image show what was asked?
+
+
+@torch.no_grad()
+def attribute_agreement(images: Tensor, labels: Tensor, classifier: AttributeClassifier, *,
+                        batch_size: int = 256) -> dict[str, float]:
+    """The share of ``images`` ``(N, 3, 32, 32)`` in [-1, 1] whose attribute the classifier
+    reads as the asked ``labels`` ``(N, 5)``, per attribute, and for shape and colour both
+    (key ``"shape and colour"``). A label of -1 (not asked) is left out of that attribute."""
+    if images.ndim != 4 or labels.shape != (len(images), len(ATTRIBUTES)):
+        raise ValueError(f"expected images (N, 3, H, W) and labels (N, {len(ATTRIBUTES)}), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    right = []
+    for start in range(0, len(images), batch_size):
+        logits = classifier(images[start:start + batch_size].to(device).float())
+        right.append(torch.stack([logits[name].argmax(-1).cpu() for name in ATTRIBUTES], 1))
+    right = torch.cat(right) == labels.cpu()                         # (N, 5) bool
+    asked = labels.cpu() >= 0
+    out = {name: float(right[asked[:, i], i].float().mean()) if asked[:, i].any() else float("nan")
+           for i, name in enumerate(ATTRIBUTES)}
+    both = right[:, 0] & right[:, 1]
+    out["shape and colour"] = float(both[asked[:, 0] & asked[:, 1]].float().mean())
+    return out
+
+
+def combination_labels(n: int, *, split: str = "train", seed: int = 0) -> Tensor:
+    """``n`` label rows ``(n, 5)`` of the shapes data set's ``split`` (the seen shape-colour
+    pairs, or the held-out ones), with the same mix of sizes, positions and backgrounds."""
+    return make_shapes(n, seed=seed, split=split, image_size=16).labels
+
+
+# ── 05 · DDIM and the score view ─────────────────────────────────────────────────────
+# One network output, three views: the noise ε, the clean image x̂_0 and the score ∇log q_t.
+# A 2-D Gaussian mixture where all three are exact; DDIM (Song, Meng & Ermon 2021,
+# "Denoising diffusion implicit models"), which samples in a few deterministic steps, and
+# its inversion from an image back to its noise; spherical interpolation between noises.
+# NB: the DDIM paper writes α_t for our ᾱ_t (see the notation at the top).
+
+
+# The same prediction in three views
+
+
+def _check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} must have the shape of {b_name}, {tuple(b.shape)}, "
+                         f"got {tuple(a.shape)}")
+
+
+def predict_x0(xt: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The clean image implied by a noise prediction:
+
+    x̂_0 = (x_t - sqrt(1-ᾱ_t) ε) / sqrt(ᾱ_t)    (DDPM, Ho et al. 2020, eq. 4 solved for x_0;
+                                                DDIM, Song et al. 2021, eq. 9)
+
+    ``xt``, ``eps``: any shape ``(B, ...)`` (images ``(B, C, H, W)``, points ``(B, 2)``);
+    ``t``: integer timesteps ``(B,)``. Returns x̂_0 shaped like ``xt``.
+    """
+    _check_same_shape(eps, xt, "eps", "xt")
+    signal = extract(schedule.sqrt_alpha_bars, t, xt.shape).to(xt)           # (B, 1, ...)
+    noise = extract(schedule.sqrt_one_minus_alpha_bars, t, xt.shape).to(xt)  # (B, 1, ...)
+    return (xt - noise * eps) / signal
+
+
+def eps_from_x0(xt: Tensor, t: Tensor, x0: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The noise implied by a clean-image prediction:
+
+    ε = (x_t - sqrt(ᾱ_t) x̂_0) / sqrt(1-ᾱ_t)     (DDPM, Ho et al. 2020, eq. 4 solved for ε)
+
+    ``xt``, ``x0``: any shape ``(B, ...)``; ``t``: ``(B,)``. Returns ε shaped like ``xt``.
+    """
+    _check_same_shape(x0, xt, "x0", "xt")
+    signal = extract(schedule.sqrt_alpha_bars, t, xt.shape).to(xt)           # (B, 1, ...)
+    noise = extract(schedule.sqrt_one_minus_alpha_bars, t, xt.shape).to(xt)  # (B, 1, ...)
+    return (xt - signal * x0) / noise
+
+
+def score_from_eps(eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The score of the noised data from a noise prediction:
+
+    ∇_x log q_t(x_t) = -ε / sqrt(1-ᾱ_t)   (Dhariwal & Nichol 2021, "Diffusion models beat
+    GANs", section 4.2, eq. 11; Song et al. 2021, "Score-based generative modeling through SDEs")
+
+    It holds exactly for the ideal ε, E[ε | x_t] (Tweedie's formula): the score points back
+    against the expected noise. ``eps``: any shape ``(B, ...)``; ``t``: ``(B,)``.
+    """
+    noise = extract(schedule.sqrt_one_minus_alpha_bars, t, eps.shape).to(eps)  # (B, 1, ...)
+    return -eps / noise
+
+
+def eps_from_score(score: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The noise prediction from a score, the inverse of :func:`score_from_eps`:
+
+    ε = -sqrt(1-ᾱ_t) ∇_x log q_t(x_t)    (Dhariwal & Nichol 2021, eq. 11 solved for ε)
+
+    ``score``: any shape ``(B, ...)``; ``t``: ``(B,)``.
+    """
+    noise = extract(schedule.sqrt_one_minus_alpha_bars, t, score.shape).to(score)
+    return -noise * score
+
+
+# A 2-D toy where everything is exact: a mixture of Gaussians, noised
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the toy's exact maths, except where the device has none (Apple's MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass
+class GaussianMixture2D:
+    """A mixture of K round Gaussians in the plane: component k is N(μ_k, σ_k² I) with
+    weight w_k. ``means`` ``(K, 2)``, ``stds`` ``(K,)`` positive, ``weights`` ``(K,)``
+    positive (normalised to sum to 1). Stored as float64 tensors.
+
+    Noised to ᾱ by x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε (DDPM, Ho et al. 2020, eq. 4), each
+    component stays Gaussian: N(sqrt(ᾱ) μ_k, (ᾱ σ_k² + 1 - ᾱ) I). So the noised density, its
+    score and the ideal noise prediction are all known exactly.
+    """
+
+    means: Tensor
+    stds: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        self.means = torch.as_tensor(self.means, dtype=torch.float64)
+        self.stds = torch.as_tensor(self.stds, dtype=torch.float64)
+        self.weights = torch.as_tensor(self.weights, dtype=torch.float64)
+        K = self.means.shape[0] if self.means.ndim == 2 else -1
+        if (self.means.ndim != 2 or self.means.shape[1] != 2 or K < 1
+                or self.stds.shape != (K,) or self.weights.shape != (K,)):
+            raise ValueError(f"GaussianMixture2D expects means (K, 2), stds (K,) and weights "
+                             f"(K,), got {tuple(self.means.shape)}, {tuple(self.stds.shape)} "
+                             f"and {tuple(self.weights.shape)}")
+        if not ((self.stds > 0).all() and (self.weights > 0).all()):
+            raise ValueError("GaussianMixture2D expects positive stds and weights, got "
+                             f"stds {self.stds.tolist()}, weights {self.weights.tolist()}")
+        self.weights = self.weights / self.weights.sum()
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` points ``(n, 2)`` float32: a component k drawn by weight, then μ_k + σ_k z."""
+        _check_int(n, "n", 1, 2**31)
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (n,)
+        z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).float()
+
+    def _components(self, x: Tensor, alpha_bar) -> tuple[Tensor, Tensor, Tensor]:
+        """Each noised component's log weighted density at x ``(n, K)``, x - mean ``(n, K, 2)``
+        and variance ``(n or 1, K)``, in float64 (float32 on MPS)."""
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"x must be points of shape (n, 2), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        dtype = _exact_dtype(x.device)
+        ab = torch.as_tensor(alpha_bar, dtype=dtype, device=x.device)
+        if ab.ndim > 1 or (ab.ndim == 1 and ab.shape[0] != x.shape[0]) \
+                or not ((ab >= 0) & (ab <= 1)).all():
+            raise ValueError(f"alpha_bar must be a float or a tensor of shape ({x.shape[0]},) "
+                             f"with values in [0, 1], got shape {tuple(ab.shape)}")
+        ab = ab.reshape(-1, 1)                                            # (n or 1, 1)
+        means = ab.sqrt()[..., None] * self.means.to(x.device, dtype)    # (n or 1, K, 2)
+        var = ab * self.stds.to(x.device, dtype) ** 2 + 1 - ab            # (n or 1, K)
+        diff = x.to(dtype)[:, None, :] - means                           # (n, K, 2)
+        log_w = self.weights.to(x.device, dtype).log()                   # (K,)
+        log_comp = log_w - torch.log(2 * math.pi * var) - (diff ** 2).sum(-1) / (2 * var)
+        return log_comp, diff, var                                       # (n, K), ...
+
+    def noised_log_density(self, x: Tensor, alpha_bar) -> Tensor:
+        """log q(x) of the data noised to ``alpha_bar`` (a float or ``(n,)``), at ``x`` ``(n, 2)``:
+
+        q(x) = Σ_k w_k N(x; sqrt(ᾱ) μ_k, (ᾱ σ_k² + 1 - ᾱ) I). Returns ``(n,)``, x's dtype.
+        """
+        log_comp, _, _ = self._components(x, alpha_bar)
+        return torch.logsumexp(log_comp, dim=1).to(x.dtype)              # (n, K) -> (n,)
+
+    def noised_score(self, x: Tensor, alpha_bar) -> Tensor:
+        """The exact score ∇_x log q(x) ``(n, 2)`` of the data noised to ``alpha_bar``:
+
+        ∇_x log q(x) = Σ_k r_k(x) · (sqrt(ᾱ) μ_k - x) / (ᾱ σ_k² + 1 - ᾱ),
+        r_k(x) = w_k N_k(x) / q(x), the probability that x came from component k.
+        """
+        log_comp, diff, var = self._components(x, alpha_bar)
+        resp = torch.softmax(log_comp, dim=1)                            # (n, K): r_k(x)
+        return (resp[..., None] * -diff / var[..., None]).sum(1).to(x.dtype)  # (n, 2)
+
+    def eps(self, x: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+        """The ideal noise prediction at ``x`` ``(n, 2)``, timesteps ``t`` ``(n,)``: what a
+        perfectly trained network would output, ε* = E[ε | x_t] = -sqrt(1-ᾱ_t) ∇log q_t(x_t)
+        (see :func:`eps_from_score`). Use it as a model: ``lambda x, t: mix.eps(x, t, schedule)``.
+        """
+        alpha_bar_t = extract(schedule.alpha_bars, t, x.shape).reshape(-1)  # (n,)
+        return eps_from_score(self.noised_score(x, alpha_bar_t), t, schedule)
+
+
+def toy_mixture() -> GaussianMixture2D:
+    """The course's 2-D toy data: four well separated modes in [-2, 2]², with small,
+    different widths and unequal weights."""
+    return GaussianMixture2D(means=[[-1.2, 1.0], [1.3, 1.1], [0.9, -1.2], [-1.1, -0.9]],
+                             stds=[0.25, 0.15, 0.2, 0.1],
+                             weights=[0.4, 0.25, 0.2, 0.15])
+
+
+# DDIM: which timesteps to visit, and one step between two of them
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def ddim_timesteps(T: int, num_steps: int, *, spacing: str = "trailing") -> Tensor:
+    """The ``num_steps`` timesteps a DDIM run visits, descending, long ``(S,)``, as diffusers'
+    ``DDIMScheduler.set_timesteps`` with ``timestep_spacing=spacing`` and ``steps_offset=0``:
+
+    "linspace": round(linspace(0, T-1, S)), reversed: evenly spaced, both ends included
+    "leading":  (0, 1, ..., S-1) · (T // S), reversed: the DDIM paper's code; misses T-1
+    "trailing": round(T - i · T/S) - 1 for i = 0, ..., S-1: starts at T-1, from pure noise
+
+    Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed") compare
+    the three and recommend "trailing". Ties at .5 round to even, as numpy does.
+    """
+    T = _check_num_steps(T)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
+            or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an integer in [1, T] = [1, {T}], got {num_steps!r}")
+    S = int(num_steps)
+    if spacing == "linspace":
+        steps = np.linspace(0, T - 1, S).round()[::-1]
+    elif spacing == "leading":
+        steps = (np.arange(S) * (T // S))[::-1]
+    else:  # numpy's arange, as diffusers (its rounding decides the ties at .5); first S only
+        steps = np.round(np.arange(T, 0, -T / S)[:S]) - 1
+    return torch.from_numpy(steps.astype(np.int64).copy())
+
+
+def _check_eta(eta) -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0 (0: DDIM, 1: DDPM), got {eta!r}")
+
+
+def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float) -> Tensor:
+    """The standard deviation of the noise a DDIM step adds:
+
+    σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)   (DDIM, Song et al.
+    2021, eq. 16; ᾱ_prev is ᾱ at the timestep the step goes to)
+
+    η = 0: deterministic DDIM; η = 1 with ᾱ_prev = ᾱ_{t-1}: DDPM's posterior variance β̃_t.
+    ``alpha_bar_t``, ``alpha_bar_prev``: floats or tensors that broadcast together.
+    """
+    _check_eta(eta)
+    a_t = torch.as_tensor(alpha_bar_t, dtype=None if isinstance(alpha_bar_t, Tensor)
+                          else torch.float64)
+    a_prev = torch.as_tensor(alpha_bar_prev, dtype=a_t.dtype, device=a_t.device)
+    ratio = ((1 - a_prev) / (1 - a_t)).clamp(min=0)
+    return eta * ratio.sqrt() * (1 - a_t / a_prev).clamp(min=0).sqrt()
+
+
+def _at_step(values: Tensor, t: Tensor, x: Tensor, *, before_first: float) -> Tensor:
+    """``values[t]`` broadcast like ``x`` ``(B, 1, ...)``, where t = -1 (before the first
+    noising step, the clean data) reads ``before_first``."""
+    inside = extract(values, t.clamp(min=0), x.shape).to(x)             # (B, 1, ...)
+    return torch.where((t >= 0).reshape(inside.shape), inside,
+                       torch.full_like(inside, before_first))
+
+
+def _check_t_prev(t: Tensor, t_prev: Tensor) -> None:
+    if not isinstance(t_prev, Tensor) or t_prev.dtype.is_floating_point \
+            or t_prev.shape != t.shape:
+        raise ValueError(f"t_prev must be an integer tensor shaped like t, {tuple(t.shape)}, got "
+                         + (f"{t_prev.dtype} {tuple(t_prev.shape)}" if isinstance(t_prev, Tensor)
+                            else type(t_prev).__name__))
+    if t_prev.numel() and (int(t_prev.min()) < -1 or bool((t_prev >= t.to(t_prev.device)).any())):
+        raise ValueError("t_prev must come before t: -1 <= t_prev < t (-1 = past the last step, "
+                         f"ᾱ = 1), got t = {t.tolist()[:8]}, t_prev = {t_prev.tolist()[:8]}")
+
+
+def ddim_step(model_eps: Tensor, xt: Tensor, t: Tensor, t_prev: Tensor, schedule: NoiseSchedule,
+              *, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """One DDIM step x_t -> x_{t_prev}  (DDIM, Song, Meng & Ermon 2021, eq. 12):
+
+    x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ_t²) ε_θ(x_t, t) + σ_t z,   z ~ N(0, I)
+
+    with x̂_0 = :func:`predict_x0` and σ_t = :func:`ddim_sigma` (eq. 16). ``t`` ``(B,)``: the
+    current timesteps; ``t_prev`` ``(B,)``: the ones to go to, any earlier timestep
+    (-1 = past the last step, where ᾱ_prev = 1 and the step returns x̂_0). η = 0 is
+    deterministic (``noise`` unused); η = 1 with t_prev = t - 1 is DDPM's step with the
+    posterior variance. ``model_eps``: ε_θ(x_t, t), shaped like ``xt`` ``(B, ...)``;
+    ``noise``: z (drawn if None and η > 0).
+    """
+    _check_same_shape(model_eps, xt, "model_eps", "xt")
+    _check_t_prev(t, t_prev)
+    _check_eta(eta)
+    # 1. ᾱ at both timesteps, (B, 1, ...); past the last step ᾱ_prev = 1
+    alpha_bar_t = extract(schedule.alpha_bars, t, xt.shape).to(xt)
+    alpha_bar_prev = _at_step(schedule.alpha_bars, t_prev, xt, before_first=1.0)
+    # 2. the "predicted x_0" of eq. 12
+    x0_hat = predict_x0(xt, t, model_eps, schedule)
+    # 3. σ_t(η) of eq. 16
+    sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
+    # 4. the "direction pointing to x_t" of eq. 12, sqrt(1 - ᾱ_prev - σ²) ε, computed as
+    #    sqrt(1 - ᾱ_prev) sqrt(1 - σ² / (1 - ᾱ_prev)): the first factor from the schedule's
+    #    float64 maths, σ² over the same 1 - ᾱ_prev that σ came from (rounding errors cancel)
+    noise_level_prev = _at_step(schedule.sqrt_one_minus_alpha_bars, t_prev, xt, before_first=0.0)
+    share = sigma ** 2 / (1 - alpha_bar_prev).clamp(min=torch.finfo(xt.dtype).tiny)  # 0 at -1
+    direction = noise_level_prev * (1 - share).clamp(min=0).sqrt() * model_eps
+    # 5. x_prev = sqrt(ᾱ_prev) x̂_0 + direction + σ z
+    signal_prev = _at_step(schedule.sqrt_alpha_bars, t_prev, xt, before_first=1.0)
+    x_prev = signal_prev * x0_hat + direction
+    if eta > 0:
+        noise = torch.randn_like(xt) if noise is None else noise
+        _check_same_shape(noise, xt, "noise", "xt")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+# The DDIM sampling loop (a generator), a batch of images, and the way back
+
+
+def _sampling_device(model, device, x: Tensor | None = None) -> torch.device:
+    """``device`` if given, else the model's, else ``x``'s, else the CPU (a plain function
+    such as the toy's ``eps`` has no parameters)."""
+    if device is not None:
+        return torch.device(device)
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if param is not None:
+        return param.device
+    return x.device if x is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode inside the block, its own mode restored after; plain functions
+    pass through."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_eps(model, x: Tensor, t: Tensor, device, autocast: bool, cond: dict) -> Tensor:
+    """ε_θ(x_t, t) in x's dtype (bfloat16 autocast if ``autocast``)."""
+    with autocast_context(device, enabled=autocast):
+        return model(x, t, **cond).to(x.dtype)
+
+
+@torch.no_grad()
+def ddim_sample(model, shape, schedule: NoiseSchedule, *, num_steps: int = 50, eta: float = 0.0,
+                spacing: str = "trailing", generator: torch.Generator | None = None, device=None,
+                x_T: Tensor | None = None, clip_x0: bool = True, autocast: bool | None = None,
+                progress: bool = True, step_fn=None, **cond):
+    """DDIM sampling (Song, Meng & Ermon 2021, eq. 12 on a subsequence of timesteps,
+    section 4.2), yielding the sample after every step.
+
+    Starts from ``x_T`` (given, else N(0, I) of ``shape``, e.g. ``(B, C, H, W)`` or ``(B, 2)``),
+    visits :func:`ddim_timesteps` t_1 > ... > t_S and steps from each to the next (from the
+    last to -1, the clean data), so it yields ``num_steps`` tensors, the last one x_0.
+    ``clip_x0`` clips x̂_0 to [-1, 1] (images; pass False for other data, e.g. the 2-D toy).
+    ``model(x, t, **cond)`` predicts ε: a network (run in eval mode without gradients, in
+    bfloat16 autocast if ``autocast``, default: where :func:`fast_setup` would use it) or a
+    plain function such as ``lambda x, t: mixture.eps(x, t, schedule)``. ``step_fn``: the step,
+    with :func:`ddim_step`'s signature (default :func:`ddim_step`).
+    """
+    step_fn = ddim_step if step_fn is None else step_fn
+    device = _sampling_device(model, device, x_T)
+    if autocast is None:  # bfloat16 is a speed-up for networks, not for exact toy maths
+        autocast = isinstance(model, nn.Module) and _bf16_is_fast(device, model)
+    timesteps = ddim_timesteps(schedule.T, num_steps, spacing=spacing).tolist()  # (S,) descending
+    schedule = schedule.to(device)
+    if x_T is not None and shape is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have the shape {tuple(shape)}, got {tuple(x_T.shape)}")
+    x = x_T.to(device) if x_T is not None else torch.randn(tuple(shape), generator=generator,
+                                                          device=device)
+    with _eval_mode(model):
+        for i in tqdm(range(len(timesteps)), desc="DDIM sampling", disable=not progress):
+            t = torch.full((x.shape[0],), timesteps[i], device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
+            model_eps = _model_eps(model, x, t, device, autocast, cond)   # ε_θ(x_t, t)
+            if clip_x0:
+                model_eps = _eps_with_clipped_x0(model_eps, x, t, schedule)
+            z = (torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+                 if eta > 0 else torch.zeros_like(x))
+            x = step_fn(model_eps, x, t, t_prev, schedule, eta=eta, noise=z)
+            yield x
+
+
+def _image_shape(model) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images ``model`` makes: from its :class:`UNetConfig`, else 3x32x32."""
+    config = getattr(model, "config", None)
+    if isinstance(config, UNetConfig):
+        return (config.in_channels, config.image_size, config.image_size)
+    return (3, 32, 32)
+
+
+def ddim_images(model, n: int, schedule: NoiseSchedule, *, num_steps: int = 50, eta: float = 0.0,
+                spacing: str = "trailing", batch_size: int | None = None,
+                generator: torch.Generator | None = None, device=None,
+                autocast: bool | None = None, progress: bool = True, step_fn=None,
+                image_shape=None, **cond) -> Tensor:
+    """``n`` images x_0 from :func:`ddim_sample`, clamped to [-1, 1], ``(n, C, H, W)``.
+
+    ``image_shape`` ``(C, H, W)``: by default from the model's :class:`UNetConfig`. Runs in
+    batches of ``batch_size`` (all at once by default); tensors in ``cond`` are split along
+    their first dimension to match.
+    """
+    _check_int(n, "n", 1, 2**31)
+    shape = tuple(image_shape) if image_shape is not None else _image_shape(model)
+    batch_size = batch_size or n
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        part = {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in cond.items()}
+        for x in ddim_sample(model, (stop - start, *shape), schedule, num_steps=num_steps,
+                             eta=eta, spacing=spacing, generator=generator, device=device,
+                             autocast=autocast, progress=progress, step_fn=step_fn, **part):
+            pass
+        out.append(x.clamp(-1.0, 1.0))
+    return torch.cat(out)
+
+
+def _ddim_invert_step(model_eps: Tensor, x: Tensor, t_from: Tensor, t_to: Tensor,
+                      schedule: NoiseSchedule) -> Tensor:
+    """One deterministic DDIM step run forwards, x_{t_from} -> x_{t_to} with t_to > t_from
+    (DDIM, Song et al. 2021, eq. 12 with σ = 0, the roles of the two timesteps swapped):
+
+    x_{t_to} = sqrt(ᾱ_{t_to}) x̂_0 + sqrt(1 - ᾱ_{t_to}) ε,
+    x̂_0 = (x_{t_from} - sqrt(1 - ᾱ_{t_from}) ε) / sqrt(ᾱ_{t_from})
+
+    t_from = -1 is the clean data (ᾱ = 1)."""
+    signal_from = _at_step(schedule.sqrt_alpha_bars, t_from, x, before_first=1.0)
+    noise_from = _at_step(schedule.sqrt_one_minus_alpha_bars, t_from, x, before_first=0.0)
+    x0_hat = (x - noise_from * model_eps) / signal_from                  # (B, ...)
+    signal_to = extract(schedule.sqrt_alpha_bars, t_to, x.shape).to(x)
+    noise_to = extract(schedule.sqrt_one_minus_alpha_bars, t_to, x.shape).to(x)
+    return signal_to * x0_hat + noise_to * model_eps
+
+
+@torch.no_grad()
+def ddim_invert(model, x0: Tensor, schedule: NoiseSchedule, *, num_steps: int = 50,
+                spacing: str = "trailing", autocast: bool | None = None, progress: bool = True,
+                **cond) -> Tensor:
+    """DDIM inversion: the noise x_T from which deterministic DDIM (η = 0) draws ``x0``.
+
+    Runs deterministic DDIM backwards, from the image to its noise (Song et al. 2021, eq. 13
+    with Δt < 0, sections 4.3 and 5.4; Dhariwal & Nichol 2021, "Diffusion models beat
+    GANs"): from x0 at t_from = -1 (ᾱ = 1) it visits the timesteps of :func:`ddim_timesteps`
+    in ascending order, each step x_{t_from} -> x_{t_to} a DDIM step with the two timesteps
+    swapped, using ε_θ(x_{t_from}, t_to) (as diffusers' ``DDIMInverseScheduler``). Sampling
+    back from t_to uses ε_θ(x_{t_to}, t_to): where ε_θ changes little along a step the two
+    agree, and ``ddim_sample(model, x0.shape, schedule, x_T=ddim_invert(model, x0, schedule),
+    clip_x0=False)`` (η = 0, the same ``num_steps`` and ``spacing``) returns about ``x0``.
+    No clipping. ``x0``: ``(B, ...)``; returns x_T, same shape, on the model's device.
+    """
+    device = _sampling_device(model, None, x0)
+    if autocast is None:
+        autocast = isinstance(model, nn.Module) and _bf16_is_fast(device, model)
+    levels = ddim_timesteps(schedule.T, num_steps, spacing=spacing).flip(0).tolist()  # ascending
+    schedule = schedule.to(device)
+    x = x0.to(device)
+    with _eval_mode(model):
+        for t_from, t_to in tqdm(list(zip([-1] + levels[:-1], levels)), desc="DDIM inversion",
+                                 disable=not progress):
+            t_from = torch.full((x.shape[0],), t_from, device=device, dtype=torch.long)
+            t_to = torch.full_like(t_from, t_to)
+            model_eps = _model_eps(model, x, t_to, device, autocast, cond)  # ε_θ(x, t_to)
+            x = _ddim_invert_step(model_eps, x, t_from, t_to, schedule)
+    return x
+
+
+# Interpolating between two noises
+
+
+def _slerp_alpha(alpha, batch: int, like: Tensor) -> Tensor:
+    """``alpha`` as a column ``(N, 1)`` (N = 1 for a float) in ``like``'s dtype and device."""
+    if isinstance(alpha, Tensor):
+        a = alpha.detach().to(like)
+    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        a = torch.tensor(float(alpha), dtype=like.dtype, device=like.device)
+    else:
+        raise ValueError(f"alpha must be a float in [0, 1] or a tensor, "
+                         f"got {type(alpha).__name__}")
+    if a.ndim > 1 or (a.ndim == 1 and batch not in (1, a.shape[0])) \
+            or not ((a >= 0) & (a <= 1)).all():
+        values = (f" with values in [{a.min().item():.3g}, {a.max().item():.3g}]"
+                  if a.numel() else "")
+        raise ValueError(f"alpha must be a float in [0, 1] or a tensor of such values of shape "
+                         f"() or (B,) = ({batch},), got shape {tuple(a.shape)}{values}")
+    return a.reshape(-1, 1)                                              # (N, 1)
+
+
+def slerp(z0: Tensor, z1: Tensor, alpha) -> Tensor:
+    """Spherical linear interpolation from ``z0`` (alpha = 0) to ``z1`` (alpha = 1):
+
+    slerp = sin((1-α) θ) / sin θ · z_0 + sin(α θ) / sin θ · z_1,   cos θ = z_0·z_1 / (|z_0| |z_1|)
+    (Shoemake 1985, "Animating rotation with quaternion curves")
+
+    Each sample is flattened to one vector. ``z0``, ``z1``: the same shape, a batch
+    ``(B, ...)`` (e.g. ``(B, C, H, W)``, ``(B, 2)``) or one ``(C, H, W)`` / ``(D,)`` sample.
+    ``alpha``: a float in [0, 1], or a tensor ``(N,)``: one value per sample (N = B), or N
+    interpolants of one pair (B = 1 or a single sample) giving ``(N, ...)``. Unlike a straight
+    line, it keeps the norm of Gaussian noise (two independent noises are nearly orthogonal
+    and of the same norm). Where the vectors are (nearly) parallel it is linear interpolation.
+    """
+    _check_same_shape(z1, z0, "z1", "z0")
+    scalar = not isinstance(alpha, Tensor) or alpha.ndim == 0
+    single = z0.ndim in (1, 3)                                # one (D,) or (C, H, W) sample
+    a0, a1 = (z0[None], z1[None]) if single else (z0, z1)     # (B, ...)
+    work = torch.promote_types(z0.dtype, torch.float32)
+    v0, v1 = a0.reshape(len(a0), -1).to(work), a1.reshape(len(a1), -1).to(work)  # (B, D)
+    alpha = _slerp_alpha(alpha, len(a0), v0)                  # (N, 1)
+    # 1. the angle θ between each pair of vectors, (B, 1)
+    norms = v0.norm(dim=1, keepdim=True) * v1.norm(dim=1, keepdim=True)
+    cos = ((v0 * v1).sum(1, keepdim=True) / norms.clamp(min=1e-30)).clamp(-1, 1)
+    theta = torch.acos(cos)
+    # 2. the weights of z_0 and z_1; linear interpolation where sin θ ≈ 0 (parallel vectors)
+    parallel = (cos.abs() > 0.9995) | (norms == 0)
+    sin = torch.where(parallel, torch.ones_like(theta), torch.sin(theta))
+    w0 = torch.where(parallel, 1 - alpha, torch.sin((1 - alpha) * theta) / sin)   # (N or B, 1)
+    w1 = torch.where(parallel, alpha, torch.sin(alpha * theta) / sin)
+    # 3. (N or B, D) -> (N or B, ...), or back to one sample for a float alpha
+    out = (w0 * v0 + w1 * v1).to(z0.dtype).reshape(-1, *a0.shape[1:])
+    return out[0] if single and scalar else out

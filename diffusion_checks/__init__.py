@@ -17,3 +17,6 @@ from diffusion_checks.lesson02 import (check_res_block, check_self_attention,  #
                                        check_sinusoidal_embedding, check_unet_forward)
 from diffusion_checks.lesson03 import (check_ddpm_step, check_diffusion_loss,  # noqa: F401
                                        check_ema_update, check_train_step)
+from diffusion_checks.lesson04 import (check_attribute_embedding,  # noqa: F401
+                                       check_attribute_vector, check_cross_attention,
+                                       check_drop_condition)

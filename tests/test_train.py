@@ -41,6 +41,36 @@ def test_ddpm_run_and_a_chained_fine_tune(tmp_path, capsys):
     assert set(state) == set(du.UNet(train.ddpm_config()).state_dict())
 
 
+@pytest.mark.usefixtures("one_thread", "tiny_unet")
+def test_cond_run_fine_tunes_the_unconditional_model_with_its_conditions(tmp_path, monkeypatch):
+    common = ["--num-images", "24", "--batch-size", "8", "--eval-samples", "4", "--eval-steps",
+              "2", "--warmup", "1", "--data-dir", str(tmp_path), "--fast-mode", "float32"]
+    train.main(["ddpm", "--steps", "2", *common])
+    seen = []
+    original = du.diffusion_loss
+    monkeypatch.setattr(du, "diffusion_loss", lambda *a, **kw: seen.append(kw) or original(*a, **kw))
+    train.main(["cond", "--steps", "3", "--init-from", "ddpm_shapes", "--cond-drop", "0.5",
+                "--min-snr-gamma", "5", *common])
+    entry = record(tmp_path, "cond_shapes")
+    assert entry["steps"] == 5 and entry["config"]["attribute_dim"] == du.ATTRIBUTE_DIM
+    assert entry["command"].split(" && ")[1].startswith("python -m tools.train cond --steps 3")
+    assert entry["training"]["cond_drop"] == 0.5 and entry["training"]["min_snr_gamma"] == 5.0
+    for split in ("seen_pairs", "held_out_pairs"):
+        assert 0.0 <= entry["quality"][split]["shape and colour"] <= 1.0
+    # every step's loss got the batch's context vectors (rows multi-hot or dropped to zeros)
+    assert len(seen) == 3
+    for kw in seen:
+        c = kw["attributes"]
+        assert c.shape == (8, du.ATTRIBUTE_DIM) and kw["min_snr_gamma"] == 5.0
+        assert set(c.sum(dim=1).tolist()) <= {0.0, 5.0}
+    # the unconditional weights were the start: all but the new embedding came from them
+    config = du.UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in entry["config"].items()})
+    state = du.load_checkpoint("cond_shapes", data_dir=tmp_path)
+    assert set(state) == set(du.UNet(config).state_dict())
+    assert any(k.startswith("attribute_emb.") for k in state)
+
+
 def test_classifier_run_records_its_accuracy(tmp_path):
     train.main(["classifier", "--num-images", "160", "--epochs", "1", "--batch-size", "32",
                 "--width", "8", "--data-dir", str(tmp_path)])

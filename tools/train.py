@@ -3,6 +3,7 @@
     python -m tools.train classifier            # the attribute classifier (quality measure)
     python -m tools.train ddpm --steps 6000     # lesson 03's unconditional DDPM model
     python -m tools.train ddpm --steps 6000 --resume    # continue it after an interruption
+    python -m tools.train cond --init-from ddpm_shapes  # lesson 04's conditional model
 
 Each command writes data/<name>.pt and its record in data/manifest.json: the exact
 command, steps, wall time, device, parameter count, model config and the quality reached.
@@ -72,13 +73,21 @@ class Earlier:
         return f"{self.device}; then {steps} steps on {device}" if self.device else device
 
 
-def start_from(model: torch.nn.Module, name: str | None, data_dir=None) -> Earlier:
+def start_from(model: torch.nn.Module, name: str | None, data_dir=None, *,
+               new_parts: tuple[str, ...] = ()) -> Earlier:
     """Load the checkpoint ``name`` from ``data_dir`` (default data/) into ``model``
-    (nothing if None) and return its record, which the new run's record extends."""
+    (nothing if None) and return its record, which the new run's record extends.
+    Parameters whose names start with one of ``new_parts`` may be missing from the
+    checkpoint (they keep their fresh values: e.g. a condition embedding added to a
+    trained unconditional model); any other mismatch is an error."""
     if not name:
         return Earlier()
     before = du.CheckpointManifest.load(data_dir).entry(name)
-    model.load_state_dict(du.load_checkpoint(name, data_dir=data_dir))
+    result = model.load_state_dict(du.load_checkpoint(name, data_dir=data_dir), strict=False)
+    wrong = [k for k in result.missing_keys if not k.startswith(new_parts)]
+    if wrong or result.unexpected_keys:
+        raise ValueError(f"checkpoint {name!r} does not fit this model: missing "
+                         f"{wrong[:5]}, unexpected {result.unexpected_keys[:5]}")
     return Earlier(before["command"], before["steps"], before["wall_time_s"], before["device"])
 
 
@@ -153,7 +162,7 @@ def checkpoint_problem(name: str, data_dir) -> str | None:
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Refuse, before any work, arguments that cannot make a run: argparse's usage error
     (exit status 2) naming the argument and what it expects. Creates ``--data-dir``."""
-    if args.what == "ddpm":
+    if args.what in ("ddpm", "cond"):
         if args.warmup >= args.steps:
             parser.error(f"argument --warmup: expected a whole number from 0 to --steps - 1 "
                          f"= {args.steps - 1}, got {args.warmup}")
@@ -173,7 +182,7 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"argument --data-dir: cannot write checkpoints in {folder}: {problem}")
     if args.init_from and (problem := checkpoint_problem(args.init_from, args.data_dir)):
         parser.error(f"argument --init-from: {problem}")
-    if args.what == "ddpm" and (problem := checkpoint_problem("classifier", None)):
+    if args.what in ("ddpm", "cond") and (problem := checkpoint_problem("classifier", None)):
         parser.error(f"the quality measure needs the shipped classifier: {problem}; train it "
                      "first with `python -m tools.train classifier`")
 
@@ -479,6 +488,56 @@ def ddpm_config() -> du.UNetConfig:
                          attention_resolutions=(8,))
 
 
+def cond_config() -> du.UNetConfig:
+    """Lesson 04's conditional UNet: lesson 03's, plus an embedding of the multi-hot
+    attribute vector (du.AttributeEmbedding) joined with the time embedding."""
+    return dataclasses.replace(ddpm_config(), attribute_dim=du.ATTRIBUTE_DIM)
+
+
+def conditions(args):
+    """``cond_fn`` for du.train: the context vectors of a batch's labels, each dropped to
+    "nothing asked" with probability ``--cond-drop`` (None for the unconditional model)."""
+    if args.what != "cond":
+        return None
+    return lambda batch: {"attributes": du.drop_condition(du.attribute_vector(batch[1]),
+                                                          args.cond_drop)}
+
+
+@torch.no_grad()
+def evaluate(args, model, schedule, device, use_bf16: bool) -> dict:
+    """The quality the manifest records: the recognised fraction of unconditional samples,
+    or, for the conditional model, how often the classifier reads back the asked shape and
+    colour, on seen and on held-out shape-colour pairs."""
+    classifier = du.load_classifier(device=device)
+    common = dict(num_steps=args.eval_steps, batch_size=64, device=device, autocast=use_bf16)
+    sampler = (f"DDPM ancestral (posterior variance), {args.eval_steps} of the {args.T} "
+               f"timesteps (du.respace_schedule), seed 0" + (", bfloat16 autocast" if use_bf16 else ""))
+    if args.what == "ddpm":
+        samples = du.sample_images(model, args.eval_samples, schedule,
+                                   generator=torch.Generator(device).manual_seed(0), **common)
+        fraction = du.recognised_fraction(samples, classifier)
+        print(f"recognised fraction of {args.eval_samples} samples: {fraction:.3f}", flush=True)
+        return {"measures": "recognised fraction: share of samples whose shape the shipped "
+                            "classifier names with probability >= 0.9",
+                "recognised_fraction": round(fraction, 4), "num_samples": args.eval_samples,
+                "num_steps": args.eval_steps, "sampler": sampler}
+    quality = {"measures": "share of conditional samples (no guidance) in which the shipped "
+                           "classifier reads the asked attributes (argmax); labels drawn as the "
+                           "data set draws them, seen pairs from the train split (seed 20000), "
+                           "held-out pairs from the held-out split (seed 20001)",
+               "num_samples": args.eval_samples, "num_steps": args.eval_steps, "sampler": sampler}
+    for split, seed in (("train", 20_000), ("held_out", 20_001)):
+        labels = du.combination_labels(args.eval_samples, split=split, seed=seed)
+        samples = du.sample_images(model, len(labels), schedule,
+                                   generator=torch.Generator(device).manual_seed(0),
+                                   attributes=du.attribute_vector(labels).to(device), **common)
+        agreement = du.attribute_agreement(samples, labels, classifier)
+        print(f"{split} pairs: {agreement}", flush=True)
+        key = "seen_pairs" if split == "train" else "held_out_pairs"
+        quality[key] = {k: round(v, 4) for k, v in agreement.items()}
+    return quality
+
+
 def reproducing_command(argv: list[str], steps_done: int) -> str:
     """The command line with ``--steps`` set to the steps actually done and the time limit
     dropped: the learning rate is constant after warm-up, so that run is this one."""
@@ -499,11 +558,12 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
     ``resumed``: the state an interrupted run saved (see :class:`Resumable`)."""
     du.seed_everything(args.seed)
     device = du.get_device()
-    config = ddpm_config()
+    config = ddpm_config() if args.what == "ddpm" else cond_config()
     model = du.UNet(config).to(device)
-    # --init-from: fine-tune the shipped weights (its EMA) and chain the commands
+    # --init-from: fine-tune the shipped weights (its EMA) and chain the commands; the
+    # conditional model may start from the unconditional one (its attribute embedding fresh)
     earlier = Earlier(**resumed["earlier"]) if resumed else \
-        start_from(model, args.init_from, args.data_dir)
+        start_from(model, args.init_from, args.data_dir, new_parts=("attribute_emb.",))
     fast_mode = "float32"
     if not args.no_fast_path:
         # the fastest of float32 / channels_last / bfloat16, measured here (or --fast-mode);
@@ -541,7 +601,8 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
 
     training = [] if finished else du.train(  # finished: only the evaluation is left
         model, batches, schedule, steps=args.steps, ema=ema, optimizer=optimizer,
-        scheduler=scheduler, start_step=done, autocast=use_bf16, device=device)
+        scheduler=scheduler, start_step=done, autocast=use_bf16, device=device,
+        cond_fn=conditions(args), min_snr_gamma=args.min_snr_gamma)
     with CtrlC() as ctrl_c:
         for state in training:
             losses.append(state.loss)
@@ -566,16 +627,11 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
     if args.half:  # measure exactly the weights we ship
         shadow.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                                 for k, v in ema.state_dict().items()})
-    classifier = du.load_classifier(device=device)
     start_eval = time.time()
-    samples = du.sample_images(shadow, args.eval_samples, schedule, num_steps=args.eval_steps,
-                               batch_size=64, generator=torch.Generator(device).manual_seed(0),
-                               device=device, autocast=use_bf16)
-    fraction = du.recognised_fraction(samples, classifier)
-    print(f"recognised fraction of {args.eval_samples} samples: {fraction:.3f} "
-          f"(sampling took {time.time() - start_eval:.0f}s)", flush=True)
+    quality = evaluate(args, shadow, schedule, device, use_bf16)
+    print(f"(the evaluation took {time.time() - start_eval:.0f}s)", flush=True)
     entry = du.save_checkpoint(
-        "ddpm_shapes", ema.state_dict(), data_dir=args.data_dir,
+        NAMES[args.what], ema.state_dict(), data_dir=args.data_dir,
         command=earlier.chain_command(reproducing_command(run.argv, steps_done)),
         half=args.half, steps=earlier.steps + steps_done,
         wall_time_s=round(earlier.wall_time_s + wall, 1),
@@ -587,20 +643,16 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
         training={"batch_size": args.batch_size, "lr": args.lr, "lr_shape": args.lr_shape,
                   "warmup_steps": args.warmup, "init_from": args.init_from,
                   "ema_decay": args.ema_decay, "num_images": args.num_images,
-                  "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4)},
-        quality={"measures": "recognised fraction: share of samples whose shape the shipped "
-                             "classifier names with probability >= 0.9",
-                 "recognised_fraction": round(fraction, 4), "num_samples": args.eval_samples,
-                 "num_steps": args.eval_steps,
-                 "sampler": f"DDPM ancestral (posterior variance), {args.eval_steps} of the "
-                            f"{args.T} timesteps (du.respace_schedule), seed 0"
-                            + (", bfloat16 autocast" if use_bf16 else "")},
+                  "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
+                  "min_snr_gamma": args.min_snr_gamma, "recipe": args.recipe,
+                  **({"cond_drop": args.cond_drop} if args.what == "cond" else {})},
+        quality=quality,
     )
     run.finish()
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
-NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes"}  # the checkpoint each trains
+NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes", "cond": "cond_shapes"}  # the checkpoint each trains
 MAX_IMAGES = 10**7  # du.make_shapes's limit
 
 
@@ -621,33 +673,42 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--init-from", default=None,
                    help="start from this shipped checkpoint (e.g. classifier) and fine-tune")
     d = sub.add_parser("ddpm", help="lesson 03's unconditional DDPM model")
-    d.add_argument("--steps", type=whole(1), default=6000)
-    d.add_argument("--batch-size", type=whole(1), default=32)
-    d.add_argument("--lr", type=number(above=0), default=1e-3)
-    d.add_argument("--warmup", type=whole(0), default=200,
-                   help="steps of linear learning-rate warm-up (fewer than --steps)")
-    d.add_argument("--lr-shape", choices=("constant", "cosine"), default="constant",
-                   help="after warm-up: constant, or a cosine decay to 0 at --steps")
-    d.add_argument("--ema-decay", type=number(at_least=0, below=1), default=0.999)
-    d.add_argument("--num-images", type=whole(1, MAX_IMAGES), default=20_000)
-    d.add_argument("--schedule", choices=du.SCHEDULE_NAMES, default="cosine")
-    d.add_argument("--T", type=whole(1), default=1000)
-    d.add_argument("--eval-samples", type=whole(1), default=256)
-    d.add_argument("--eval-steps", type=whole(1), default=100, help="at most --T")
-    d.add_argument("--half", action="store_true", help="store the weights as float16")
-    d.add_argument("--fast-mode", choices=du.FAST_MODES, default=None,
-                   help="run in this mode instead of the fastest one measured here "
-                        "(see du.fast_setup)")
-    d.add_argument("--no-fast-path", action="store_true",
-                   help="plain float32 (NCHW), without measuring the faster modes")
-    d.add_argument("--log-every", type=whole(1), default=100)
-    d.add_argument("--max-minutes", type=number(above=0), default=None,
-                   help="stop early after this long of training, before an interruption "
-                        "included (constant learning rate only); the manifest records the "
-                        "steps done")
-    d.add_argument("--init-from", default=None,
-                   help="start from this shipped checkpoint (e.g. ddpm_shapes) and fine-tune")
-    for p in (c, d):
+    k = sub.add_parser("cond", help="lesson 04's conditional model (multi-hot attributes, "
+                                    "condition dropout)")
+    k.add_argument("--cond-drop", type=number(at_least=0, below=1), default=0.1,
+                   help="probability of dropping a condition to 'nothing asked' in training")
+    for q in (d, k):
+        q.add_argument("--steps", type=whole(1), default=6000)
+        q.add_argument("--batch-size", type=whole(1), default=32)
+        q.add_argument("--lr", type=number(above=0), default=1e-3)
+        q.add_argument("--warmup", type=whole(0), default=200,
+                       help="steps of linear learning-rate warm-up (fewer than --steps)")
+        q.add_argument("--lr-shape", choices=("constant", "cosine"), default="constant",
+                       help="after warm-up: constant, or a cosine decay to 0 at --steps")
+        q.add_argument("--ema-decay", type=number(at_least=0, below=1), default=0.999)
+        q.add_argument("--num-images", type=whole(1, MAX_IMAGES), default=20_000)
+        q.add_argument("--schedule", choices=du.SCHEDULE_NAMES, default="cosine")
+        q.add_argument("--T", type=whole(1), default=1000)
+        q.add_argument("--eval-samples", type=whole(1), default=256)
+        q.add_argument("--eval-steps", type=whole(1), default=100, help="at most --T")
+        q.add_argument("--half", action="store_true", help="store the weights as float16")
+        q.add_argument("--fast-mode", choices=du.FAST_MODES, default=None,
+                       help="run in this mode instead of the fastest one measured here "
+                            "(see du.fast_setup)")
+        q.add_argument("--no-fast-path", action="store_true",
+                       help="plain float32 (NCHW), without measuring the faster modes")
+        q.add_argument("--log-every", type=whole(1), default=100)
+        q.add_argument("--max-minutes", type=number(above=0), default=None,
+                       help="stop early after this long of training, before an interruption "
+                            "included (constant learning rate only); the manifest records the "
+                            "steps done")
+        q.add_argument("--init-from", default=None,
+                       help="start from this shipped checkpoint (e.g. ddpm_shapes) and fine-tune")
+        q.add_argument("--min-snr-gamma", type=number(above=0), default=None,
+                       help="weight the loss by min(SNR, gamma) / SNR (Hang et al. 2023)")
+        q.add_argument("--recipe", default=None,
+                       help="a note for the manifest: why this recipe (not used by training)")
+    for p in (c, d, k):
         p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
         p.add_argument("--data-dir", default=None,
                        help="folder for the checkpoint and its manifest record, also where "
@@ -662,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="continue the interrupted run of this same command from "
                             "<data-dir>/<name>.resume.pt")
     args = parser.parse_args(argv)
-    command = {"classifier": c, "ddpm": d}[args.what]
+    command = {"classifier": c, "ddpm": d, "cond": k}[args.what]
     check_arguments(command, args)
     run = Resumable(NAMES[args.what], args, argv)
     resumed = run.load(command) if args.resume else None
@@ -672,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = {"classifier": train_classifier, "ddpm": train_ddpm}[args.what]
+    train = {"classifier": train_classifier, "ddpm": train_ddpm, "cond": train_ddpm}[args.what]
     try:
         train(args, run, resumed)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
