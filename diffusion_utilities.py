@@ -2920,8 +2920,9 @@ def ddim_invert(model, x0: Tensor, schedule: NoiseSchedule, *, num_steps: int = 
     in ascending order, each step x_{t_from} -> x_{t_to} a DDIM step with the two timesteps
     swapped, using ε_θ(x_{t_from}, t_to) (as diffusers' ``DDIMInverseScheduler``). Sampling
     back from t_to uses ε_θ(x_{t_to}, t_to): where ε_θ changes little along a step the two
-    agree, and ``ddim_sample(model, x0.shape, schedule, x_T=ddim_invert(model, x0, schedule),
-    clip_x0=False)`` (η = 0, the same ``num_steps`` and ``spacing``) returns about ``x0``.
+    agree, and ``ddim_sample(model, x0.shape, schedule, x_T=ddim_invert(model, x0, schedule))``
+    (η = 0, the same ``num_steps`` and ``spacing``; keep ``clip_x0=True``: the first step back,
+    at t = T-1 of the cosine schedule, divides by sqrt(ᾱ) ≈ 5e-5) returns about ``x0``.
     No clipping. ``x0``: ``(B, ...)``; returns x_T, same shape, on the model's device.
     """
     device = _sampling_device(model, None, x0)

@@ -20,3 +20,5 @@ from diffusion_checks.lesson03 import (check_ddpm_step, check_diffusion_loss,  #
 from diffusion_checks.lesson04 import (check_attribute_embedding,  # noqa: F401
                                        check_attribute_vector, check_cross_attention,
                                        check_drop_condition)
+from diffusion_checks.lesson05 import (check_ddim_invert, check_ddim_step,  # noqa: F401
+                                       check_ddim_timesteps, check_score_from_eps, check_slerp)

@@ -10,30 +10,11 @@ import torch.nn.functional as F
 
 import diffusion_checks as dc
 import diffusion_utilities as du
+from check_helpers import assert_fails_with, assert_not_attempted, assert_passes, stub  # noqa: F401
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # PyTorch's own warning when a planted step calls scheduler.step() first
               pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")]
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def assert_passes(check, fn, capsys):
-    assert check(fn) is True
-    assert dc.PASSED_MARK in capsys.readouterr().out
-
-
-def assert_not_attempted(check, capsys):
-    assert check(stub) is False
-    assert dc.NOT_ATTEMPTED_MARK in capsys.readouterr().out
-
-
-def assert_fails_with(check, fn, hint):
-    with pytest.raises(AssertionError) as err:
-        check(fn)
-    assert hint in str(err.value), str(err.value)
 
 
 DEVICE = "pass `device=x.device`"

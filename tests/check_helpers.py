@@ -1,0 +1,26 @@
+"""What the tests of the exercise checks share: a stub like the one in an exercise notebook,
+and assertions on what a check says."""
+import pytest
+
+import diffusion_checks as dc
+
+
+def stub(*args, **kwargs):
+    """The exercise notebook's blank: ``raise NotImplementedError()``."""
+    raise NotImplementedError()
+
+
+def assert_passes(check, fn, capsys):
+    assert check(fn) is True
+    assert dc.PASSED_MARK in capsys.readouterr().out
+
+
+def assert_not_attempted(check, capsys):
+    assert check(stub) is False
+    assert dc.NOT_ATTEMPTED_MARK in capsys.readouterr().out
+
+
+def assert_fails_with(check, fn, hint):
+    with pytest.raises(AssertionError) as err:
+        check(fn)
+    assert hint in str(err.value), str(err.value)
