@@ -403,3 +403,20 @@ def probe_device(fn, *args, what: str, **kwargs):
             fail(f"{what}: the result is on {o.device.type} although the inputs are on "
                  f"{device.type} — " + DEVICE_HINT.format(device=_device_words(device)))
     return out
+
+
+def expect_fresh_normal_noise(outs, mean, sigma, what: str, *, step_name: str = "x_prev") -> None:
+    """For a sampler step that draws its own z (``noise=None``): two outputs ``outs`` of the
+    same call, the step's ``mean`` (z = 0) and ``sigma`` (its output at z = 1 minus the mean).
+    The implied z = (out - mean) / σ must look like fresh N(0, I) draws on every call."""
+    z = (outs[0] - mean) / sigma
+    m, s = float(z.mean()), float(z.std())
+    if abs(m - 0.5) < 0.1 and abs(s - 12 ** -0.5) < 0.05:
+        fail(f"{what}: z is uniform on [0, 1) (mean {m:.2f}, std {s:.2f}): draw it with "
+             "torch.randn_like(xt), not torch.rand_like")
+    if not (abs(m) < 0.1 and abs(s - 1) < 0.1):
+        fail(f"{what}: the noise added is not σ_t z with z ~ N(0, I) (z has mean {m:.2f} and "
+             f"std {s:.2f}): draw z with torch.randn_like(xt) and add σ_t z")
+    if torch.equal(outs[0], outs[1]):
+        fail(f"{what}: two calls gave the same {step_name}: draw fresh z on every call (no "
+             "fixed seed inside the step)")

@@ -17,6 +17,7 @@ import diffusion_utilities as du
 
 from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK,  # noqa: F401
                     call, call_pure, changed, close, compare, exercise_check, expect_finite,
+                    expect_fresh_normal_noise,
                     expect_float, expect_tensor, fail, largest_difference, near, other_device,
                     passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 
@@ -314,17 +315,7 @@ def _check_drawn(fn) -> None:
     what = "x_prev with η = 1 and noise=None"
     outs = [_expect_result(_call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=1.0),
                            xt.shape, xt.dtype, {}, what) for _ in range(2)]
-    z = (outs[0] - mean) / sigma
-    m, s = float(z.mean()), float(z.std())
-    if abs(m - 0.5) < 0.1 and abs(s - 12 ** -0.5) < 0.05:
-        fail(f"{what}: z is uniform on [0, 1) (mean {m:.2f}, std {s:.2f}): draw it with "
-             "torch.randn_like(xt), not torch.rand_like")
-    if not (abs(m) < 0.1 and abs(s - 1) < 0.1):
-        fail(f"{what}: the noise added is not σ_t z with z ~ N(0, I) (z has mean {m:.2f} and "
-             f"std {s:.2f}): draw z with torch.randn_like(xt) and add σ_t z")
-    if torch.equal(outs[0], outs[1]):
-        fail(f"{what}: two calls gave the same x_prev: draw fresh z on every call (no fixed "
-             "seed inside the step)")
+    expect_fresh_normal_noise(outs, mean, sigma, what)
 
 
 # ── Exercise 3 · Which timesteps to visit ────────────────────────────────────────────
