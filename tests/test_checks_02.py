@@ -10,10 +10,7 @@ import torch.nn.functional as F
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-GENERIC = "differs from the reference"
-IN_PLACE = "in place (an in-place operation"
-DEVICE = "is created on the CPU inside your code"
-NAN = "contains NaN values"
+from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

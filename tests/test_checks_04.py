@@ -11,10 +11,7 @@ from torch import nn
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-GENERIC = "differs from the reference"
-IN_PLACE = "in place (an in-place operation"
-DEVICE = "is created on the CPU inside your code"
-NAN = "contains NaN values"
+from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
