@@ -304,6 +304,16 @@ def _labels_from_draws(draws: np.ndarray, pairs: list[tuple[int, int]]) -> np.nd
     return np.column_stack([shape_colour, *rest])
 
 
+def _draw_labels(n: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uniform draws (N, _N_DRAWS) behind ``make_shapes(n, seed=seed, split=split)`` and
+    the labels (N, 5) they give; the images are rendered from the same draws."""
+    n = _check_int(n, "n", 1, 10**7)
+    seed = _check_int(seed, "seed", 0, 2**63 - 1)
+    split = _check_split(split)
+    draws = np.random.default_rng([seed, SPLITS.index(split)]).random((n, _N_DRAWS))
+    return draws, _labels_from_draws(draws, _pairs_for_split(split))
+
+
 def _geometry(labels: np.ndarray, draws: np.ndarray) -> dict[str, np.ndarray]:
     """Jittered centre (cx, cy), radius r, rotation and colours for each image, all (N,) or (N, 3)."""
     xy = np.array([POSITION_XY[p] for p in POSITIONS])[labels[:, 3]]  # (N, 2)
@@ -416,11 +426,8 @@ def make_shapes(n: int, *, seed: int = 0, split: str = "train", image_size: int 
     ``split="train"`` never shows a pair in ``HELD_OUT_COMBINATIONS``; ``split="held_out"``
     shows only those. The first k images of ``make_shapes(n)`` equal ``make_shapes(k)``.
     """
-    n = _check_int(n, "n", 1, 10**7)
-    seed = _check_int(seed, "seed", 0, 2**63 - 1)
-    split, image_size = _check_split(split), _check_image_size(image_size)
-    draws = np.random.default_rng([seed, SPLITS.index(split)]).random((n, _N_DRAWS))
-    labels = _labels_from_draws(draws, _pairs_for_split(split))  # (N, 5)
+    draws, labels = _draw_labels(n, seed, split)  # (N, _N_DRAWS), (N, 5)
+    image_size = _check_image_size(image_size)
     chunk = max(1, 4_000_000 // (image_size * _SUPERSAMPLE) ** 2)  # bounds memory per chunk
     images = np.concatenate(
         [_render(labels[i:i + chunk], draws[i:i + chunk], image_size) for i in range(0, n, chunk)]
@@ -2497,8 +2504,9 @@ def attribute_agreement(images: Tensor, labels: Tensor, classifier: AttributeCla
 
 def combination_labels(n: int, *, split: str = "train", seed: int = 0) -> Tensor:
     """``n`` label rows ``(n, 5)`` of the shapes data set's ``split`` (the seen shape-colour
-    pairs, or the held-out ones), with the same mix of sizes, positions and backgrounds."""
-    return make_shapes(n, seed=seed, split=split, image_size=16).labels
+    pairs, or the held-out ones), with the same mix of sizes, positions and backgrounds:
+    the labels of ``make_shapes(n, seed=seed, split=split)``, without drawing its images."""
+    return torch.from_numpy(_draw_labels(n, seed, split)[1])
 
 
 # ── 05 · DDIM and the score view ─────────────────────────────────────────────────────

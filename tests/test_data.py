@@ -420,3 +420,11 @@ def test_from_uint8_maps_pixels_to_the_model_range():
     assert torch.allclose(du.from_uint8(pixels), expected, atol=1e-6)
     with pytest.raises(ValueError, match="expected a uint8 tensor, got torch.float32"):
         du.from_uint8(pixels.float())
+
+
+def test_combination_labels_are_the_data_sets_labels_without_its_images():
+    for split, n, seed in (("train", 1, 0), ("train", 300, 7), ("held_out", 256, 20_001)):
+        labels = du.combination_labels(n, split=split, seed=seed)
+        assert torch.equal(labels, du.make_shapes(n, seed=seed, split=split).labels)
+    with pytest.raises(ValueError, match="split must be one of"):
+        du.combination_labels(4, split="test")

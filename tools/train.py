@@ -360,15 +360,10 @@ def shapes_tensors(n: int, *, seed: int, split: str) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def attribute_accuracy(classifier, images, labels, *, batch_size: int = 500) -> dict[str, float]:
-    """Accuracy of each head on ``images`` against ``labels``."""
-    classifier.eval()
-    correct = {name: 0 for name in du.ATTRIBUTES}
-    for start in range(0, len(images), batch_size):
-        logits = classifier(images[start:start + batch_size])
-        for i, name in enumerate(du.ATTRIBUTES):
-            pred = logits[name].argmax(-1)
-            correct[name] += int((pred == labels[start:start + batch_size, i]).sum())
-    return {name: round(c / len(images), 4) for name, c in correct.items()}
+    """Accuracy of each head on ``images`` against ``labels`` (du.attribute_agreement's
+    per-attribute shares, rounded)."""
+    agreement = du.attribute_agreement(images, labels, classifier, batch_size=batch_size)
+    return {name: round(agreement[name], 4) for name in du.ATTRIBUTES}
 
 
 def negatives(x: torch.Tensor) -> torch.Tensor:
