@@ -30,3 +30,10 @@ def assert_fails_with(check, fn, hint):
     with pytest.raises(AssertionError) as err:
         check(fn)
     assert hint in str(err.value), str(err.value)
+
+
+def cases(table, width=None):
+    """``pytest.param`` rows of a table {check name: [(case id, *values), ...]}, each with the
+    id "<check name>-<case id>"; with ``width``, only the rows of that many items."""
+    return [pytest.param(name, *row[1:], id=f"{name}-{row[0]}")
+            for name, rows in table.items() for row in rows if width is None or len(row) == width]

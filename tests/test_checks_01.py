@@ -10,6 +10,7 @@ import torch
 
 import diffusion_checks as dc
 import diffusion_utilities as du
+from check_helpers import cases
 
 F64 = torch.float64
 GENERIC = "differs from the reference"
@@ -588,11 +589,6 @@ MISTAKES = {"linear": LINEAR_MISTAKES, "cosine": COSINE_MISTAKES, "sigmoid": SIG
             "posterior": POSTERIOR_MISTAKES}
 RIGHT = {"linear": LINEAR_RIGHT, "cosine": COSINE_RIGHT, "sigmoid": SIGMOID_RIGHT,
          "alpha_bars": ALPHA_BARS_RIGHT, "q_sample": Q_SAMPLE_RIGHT, "posterior": POSTERIOR_RIGHT}
-
-
-def cases(table, width):
-    return [pytest.param(name, *row[1:], id=f"{name}-{row[0]}")
-            for name, rows in table.items() for row in rows if len(row) == width]
 
 
 @pytest.mark.parametrize("name, fn", cases(RIGHT, 2))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN  # noqa: E402
+from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN, cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -590,11 +590,6 @@ MISTAKES = {"sinusoidal": SINUSOID_MISTAKES, "res_block": RES_BLOCK_MISTAKES,
             "attention": ATTENTION_MISTAKES, "unet": UNET_MISTAKES}
 RIGHT = {"sinusoidal": SINUSOID_RIGHT, "res_block": RES_BLOCK_RIGHT,
          "attention": ATTENTION_RIGHT, "unet": UNET_RIGHT}
-
-
-def cases(table, width):
-    return [pytest.param(name, *row[1:], id=f"{name}-{row[0]}")
-            for name, rows in table.items() for row in rows if len(row) == width]
 
 
 @pytest.mark.parametrize("name", CHECKS)

@@ -11,7 +11,7 @@ from torch import nn
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN  # noqa: E402
+from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN, cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -671,11 +671,6 @@ MISTAKES = {"attribute_vector": VECTOR_MISTAKES, "attribute_embedding": EMBEDDIN
             "cross_attention": CROSS_MISTAKES, "drop_condition": DROP_MISTAKES}
 RIGHT = {"attribute_vector": VECTOR_RIGHT, "attribute_embedding": EMBEDDING_RIGHT,
          "cross_attention": CROSS_RIGHT, "drop_condition": DROP_RIGHT}
-
-
-def cases(table):
-    return [pytest.param(name, *row[1:], id=f"{name}-{row[0]}")
-            for name, rows in table.items() for row in rows]
 
 
 @pytest.mark.parametrize("name", CHECKS)
