@@ -965,7 +965,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tens
     On a CPU under bfloat16 autocast it runs in float32: more accurate, and faster there
     (the CPU kernel's bfloat16 backward pass is slow; see benchmarks/bench_unet.py).
     """
-    if q.device.type != "cpu" or q.dtype == torch.float32:
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
@@ -2458,21 +2458,42 @@ class TextEmbedding(nn.Module):
 
 
 class CaptionUNet(nn.Module):
-    """A UNet conditioned on captions: token ids -> :class:`TextEmbedding` -> the context
-    sequence its cross-attention layers attend to. ``forward(x, t, *, ids, mask)`` with
-    ``ids``, ``mask`` from :meth:`WordTokenizer.encode`; ``config.context_dim`` is the width
-    of the word embeddings; ``unet_kwargs`` go to :class:`UNet` (e.g. ``cross_attention=``)."""
+    """A UNet conditioned on captions: token ids -> a text model -> the context sequence its
+    cross-attention layers attend to. ``forward(x, t, *, ids, mask)``.
 
-    def __init__(self, config: UNetConfig, vocab_size: int, **unet_kwargs):
+    The text model is a :class:`TextEmbedding` of ``vocab_size`` words (ids and mask from
+    :meth:`WordTokenizer.encode`), or a ``text_encoder`` that maps ids ``(B, L)`` to
+    ``(tokens (B, L, width), pooled)``, such as lesson 06's CLIP text transformer (ids and mask
+    from :meth:`CaptionTokenizer.encode`; it is then frozen). ``config.context_dim`` is the
+    width of the token embeddings; ``unet_kwargs`` go to :class:`UNet` (e.g. ``cross_attention=``).
+    """
+
+    def __init__(self, config: UNetConfig, vocab_size: int | None = None, *,
+                 text_encoder: nn.Module | None = None, **unet_kwargs):
         super().__init__()
         if config.context_dim is None:
             raise ValueError("CaptionUNet needs UNetConfig(context_dim=...), the width of "
                              "the word embeddings")
-        self.text = TextEmbedding(vocab_size, config.context_dim)
+        if (vocab_size is None) == (text_encoder is None):
+            raise ValueError("give CaptionUNet either vocab_size (its own word embeddings) or "
+                             "text_encoder (e.g. du.load_clip().text), not both or neither")
+        if text_encoder is None:
+            self.text = TextEmbedding(vocab_size, config.context_dim)
+        else:
+            self.text = text_encoder.requires_grad_(False).eval()
+        self.frozen_text = text_encoder is not None
         self.unet = UNet(config, **unet_kwargs)
 
+    def train(self, mode: bool = True) -> CaptionUNet:
+        super().train(mode)
+        if self.frozen_text:
+            self.text.eval()
+        return self
+
     def forward(self, x: Tensor, t: Tensor, *, ids: Tensor, mask: Tensor) -> Tensor:
-        return self.unet(x, t, context=self.text(ids), context_mask=mask)
+        context = self.text(ids)
+        context = context[0] if isinstance(context, tuple) else context      # (B, L, width)
+        return self.unet(x, t, context=context, context_mask=mask)
 
 
 # Measuring conditional samples: does each image show what was asked?
@@ -3002,3 +3023,574 @@ def slerp(z0: Tensor, z1: Tensor, alpha) -> Tensor:
     # 3. (N or B, D) -> (N or B, ...), or back to one sample for a float alpha
     out = (w0 * v0 + w1 * v1).to(z0.dtype).reshape(-1, *a0.shape[1:])
     return out[0] if single and scalar else out
+
+
+# ── 06 · CLIP: images and captions in one space ──────────────────────────────────────
+#
+# Two encoders, one for images (a Vision Transformer) and one for text (a causal
+# transformer), each followed by a linear projection into a shared space of unit vectors.
+# Trained so that an image and its caption point the same way and mismatched pairs do not
+# (CLIP, Radford et al. 2021). The structure follows CLIP's: pre-norm transformer blocks
+# with a quick-GELU MLP, a causal text mask, a final layer norm, the text pooled at its
+# end-of-text token and the image at its class token. Only the sizes are small.
+
+CLIP_CONTEXT_LENGTH = 24   # tokens per caption, start and end included (CLIP: 77)
+
+
+class CaptionTokenizer:
+    """CLIP's text interface on a closed, word-level vocabulary.
+
+    ``encode(captions)`` -> ``(ids (B, context_length) long, mask (B, context_length) bool)``:
+    ``<start>``, one id per word, ``<end>``, then padding (id 0) to ``context_length``;
+    ``mask`` is True up to and including ``<end>``. The empty caption ``""`` is
+    ``<start> <end>``: the null prompt. A word outside the vocabulary, or a caption longer
+    than ``context_length``, raises ValueError naming it.
+
+    Why words and not CLIP's byte-pair encoding: the captions come from a closed vocabulary
+    of about 40 words, so BPE trained on them would learn these same words; word tokens keep
+    one token per idea ("red", "star"), which is what the attention maps of lesson 08 show.
+    """
+
+    PAD, START, END = "<pad>", "<start>", "<end>"
+
+    def __init__(self, vocabulary=None, *, context_length: int = CLIP_CONTEXT_LENGTH):
+        words = tuple(vocabulary) if vocabulary is not None else caption_vocabulary()
+        self.vocabulary = (self.PAD, self.START, self.END, *words)
+        self.ids = {w: i for i, w in enumerate(self.vocabulary)}
+        self.context_length = _check_int(context_length, "context_length", 2, 10_000)
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    def _row(self, caption: str) -> list[int]:
+        if not isinstance(caption, str):
+            raise ValueError(f"a caption must be a str, got {type(caption).__name__}")
+        words = _words(caption)
+        unknown = [w for w in words if w not in self.ids]
+        if unknown:
+            raise ValueError(f"unknown word {unknown[0]!r} in {caption!r}: the tokenizer knows "
+                             f"the {len(self.vocabulary) - 3} words of the shapes captions "
+                             f"(CaptionTokenizer().vocabulary)")
+        if len(words) + 2 > self.context_length:
+            raise ValueError(f"{caption!r} has {len(words)} words; at most "
+                             f"{self.context_length - 2} fit (context_length "
+                             f"{self.context_length}, start and end included)")
+        return [self.ids[self.START], *(self.ids[w] for w in words), self.ids[self.END]]
+
+    def encode(self, captions) -> tuple[Tensor, Tensor]:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        if not captions:
+            raise ValueError("expected at least one caption, got an empty list")
+        ids = torch.zeros(len(captions), self.context_length, dtype=torch.long)
+        for i, caption in enumerate(captions):
+            row = self._row(caption)
+            ids[i, :len(row)] = torch.tensor(row)
+        return ids, ids != 0
+
+    def decode(self, ids: Tensor) -> list[str]:
+        """The words back from ids ``(B, L)``; start, end and padding left out."""
+        return [" ".join(self.vocabulary[i] for i in row.tolist() if i > 2) for row in ids]
+
+
+def end_positions(ids: Tensor, end_id: int = 2) -> Tensor:
+    """The index of the ``<end>`` token in each row of ``ids`` ``(B, L)`` -> ``(B,)``."""
+    is_end = ids == end_id
+    if not bool(is_end.any(-1).all()):
+        raise ValueError("every row of ids needs an <end> token (id "
+                         f"{end_id}); encode the captions with CaptionTokenizer.encode")
+    return is_end.int().argmax(-1)
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Cut images into non-overlapping patches, each flattened to one vector:
+
+    ``(B, C, H, W) -> (B, N, C·p·p)``, N = (H/p)·(W/p), patches in reading order (row by row,
+    left to right); inside a patch the values are in ``(C, p, p)`` order, as a convolution's
+    weight ``(width, C, p, p)`` flattens (ViT, Dosovitskiy et al. 2021, sec. 3.1).
+    """
+    if images.ndim != 4 or images.shape[-1] % patch_size or images.shape[-2] % patch_size:
+        raise ValueError(f"expected images (B, C, H, W) with H and W multiples of patch_size "
+                         f"{patch_size}, got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)          # (B, C, H/p, p, W/p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                          # (B, H/p, W/p, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)      # (B, N, C·p·p)
+
+
+def causal_mask(length: int, *, device=None) -> Tensor:
+    """``(L, L)`` bool, True where token i may attend to token j: j <= i (itself and earlier
+    tokens). ``F.scaled_dot_product_attention``'s convention: True takes part."""
+    length = _check_int(length, "length", 1, 10**6)
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """x · sigmoid(1.702 x): CLIP's approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention over a token sequence ``(B, L, width)``, with an optional boolean
+    ``mask`` ``(L, L)`` or ``(B, 1, L, L)`` (True = may attend): softmax(q kᵀ / sqrt(d)) v."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = (_split_heads(f(x), self.heads) for f in (self.q, self.k, self.v))  # (B, h, L, d)
+        return self.out(_merge_heads(_attend(q, k, v, mask)))    # (B, L, width)
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer block (CLIP's "residual attention block"):
+
+        x = x + Attention(LayerNorm(x))
+        x = x + Linear(quick_gelu(Linear(LayerNorm(x))))          # MLP 4x wide
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
+
+
+@dataclass
+class ClipConfig:
+    """Sizes of :class:`CLIP`'s two encoders and of the shared embedding space."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    patch_size: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vocab_size: int = 0            # 0: the size of CaptionTokenizer()'s vocabulary
+    context_length: int = CLIP_CONTEXT_LENGTH
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    embed_dim: int = 128           # the shared space
+
+    def __post_init__(self):
+        if self.vocab_size == 0:
+            self.vocab_size = len(CaptionTokenizer())
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
+                             f"{self.patch_size}")
+
+
+class VisionTransformer(nn.Module):
+    """Images ``(B, C, H, W)`` -> ``(tokens (B, 1 + N, width), pooled (B, width))``:
+    patchify, a linear patch embedding, a class token in front, learned position
+    embeddings, a layer norm, pre-norm transformer blocks; ``pooled`` is the class token
+    after a final layer norm (ViT, Dosovitskiy et al. 2021, eq. 1-4; CLIP's image encoder)."""
+
+    def __init__(self, config: ClipConfig, *, patchify_fn=None):
+        super().__init__()
+        c, w = config, config.vision_width
+        self.patch_size = c.patch_size
+        self.patchify_fn = patchify_fn or patchify     # yours, in lesson 06's payoff
+        num_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_embedding = nn.Linear(c.in_channels * c.patch_size ** 2, w, bias=False)
+        self.class_token = nn.Parameter(torch.randn(w) * w ** -0.5)
+        self.position_embedding = nn.Parameter(torch.randn(1 + num_patches, w) * w ** -0.5)
+        self.norm_pre = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(TransformerBlock(w, c.vision_heads)
+                                    for _ in range(c.vision_layers))
+        self.norm_post = nn.LayerNorm(w)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.patch_embedding(self.patchify_fn(images, self.patch_size))          # (B, N, width)
+        cls = self.class_token.expand(len(x), 1, -1).to(x.dtype)             # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding             # (B, 1 + N, width)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return x, self.norm_post(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+    """Token ids ``(B, L)`` from :class:`CaptionTokenizer` -> ``(tokens (B, L, width),
+    pooled (B, width))``: token and position embeddings, pre-norm transformer blocks under a
+    causal mask, a final layer norm. ``tokens`` is the context sequence a UNet's
+    cross-attention reads (lesson 08); ``pooled`` is the token at ``<end>``, which under the
+    causal mask has seen the whole caption and nothing after it (CLIP's text encoder)."""
+
+    def __init__(self, config: ClipConfig, *, mask_fn=None):
+        super().__init__()
+        c, w = config, config.text_width
+        self.mask_fn = mask_fn or causal_mask           # yours, in lesson 06's payoff
+        self.token_embedding = nn.Embedding(c.vocab_size, w)
+        self.position_embedding = nn.Parameter(torch.randn(c.context_length, w) * 0.01)
+        self.blocks = nn.ModuleList(TransformerBlock(w, c.text_heads)
+                                    for _ in range(c.text_layers))
+        self.norm_final = nn.LayerNorm(w)
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        if ids.ndim != 2 or ids.shape[1] > len(self.position_embedding):
+            raise ValueError(f"expected token ids (B, L) with L <= "
+                             f"{len(self.position_embedding)}, got shape {tuple(ids.shape)}")
+        L = ids.shape[1]
+        x = self.token_embedding(ids) + self.position_embedding[:L]          # (B, L, width)
+        mask = self.mask_fn(L, device=ids.device)                            # (L, L)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm_final(x)
+        return x, x[torch.arange(len(x), device=x.device), end_positions(ids)]   # (B, width)
+
+
+class CLIP(nn.Module):
+    """CLIP (Radford et al. 2021): an image encoder and a text encoder with linear
+    projections into one ``embed_dim`` space and a learned temperature.
+
+    ``encode_image(images)`` -> ``(B, embed_dim)``, ``encode_text(ids)`` -> ``(B, embed_dim)``
+    (not normalised, as in CLIP); ``forward(images, ids)`` -> the logits ``(B, B)`` of every
+    image against every caption: exp(logit_scale) · cosine similarity.
+    ``logit_scale`` = log(1/τ) starts at log(1/0.07) and is clamped to at most log(100).
+    ``patchify_fn``, ``mask_fn``: replacements for :func:`patchify` and :func:`causal_mask`
+    with the same signatures (lesson 06 builds a CLIP from your own).
+    """
+
+    def __init__(self, config: ClipConfig | None = None, *, patchify_fn=None, mask_fn=None):
+        super().__init__()
+        self.config = config or ClipConfig()
+        c = self.config
+        self.visual = VisionTransformer(c, patchify_fn=patchify_fn)
+        self.text = TextTransformer(c, mask_fn=mask_fn)
+        self.image_projection = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+        self.text_projection = nn.Linear(c.text_width, c.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_projection(self.visual(images)[1])
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        return self.text_projection(self.text(ids)[1])
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), at most 100 (CLIP, sec. 2.5)."""
+        return self.logit_scale.clamp(max=math.log(100)).exp()
+
+    def forward(self, images: Tensor, ids: Tensor) -> Tensor:
+        img = F.normalize(self.encode_image(images), dim=-1)                 # (B, D)
+        txt = F.normalize(self.encode_text(ids), dim=-1)                     # (B, D)
+        return self.scale() * img @ txt.T                                    # (B, B)
+
+
+def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021, fig. 3) for a batch of B
+    matching pairs ``(B, D)`` (row i of each belongs together), not yet normalised:
+
+        logits = exp(logit_scale) · normalise(image) normalise(text)ᵀ          # (B, B)
+        loss   = ( CE(logits, [0..B-1]) + CE(logitsᵀ, [0..B-1]) ) / 2
+
+    the mean of the image -> text and the text -> image cross-entropies.
+    """
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(f"expected image and text features of the same shape (B, D), got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    img = F.normalize(image_features, dim=-1)
+    txt = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * img @ txt.T                                 # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def zero_shot_scores(image_features: Tensor, class_text_features: Tensor) -> Tensor:
+    """Zero-shot classification scores (CLIP, sec. 3.1.4, with prompt ensembling, 3.1.4):
+
+    ``image_features`` ``(N, D)``; ``class_text_features`` ``(K, P, D)``: the embeddings of P
+    prompts for each of K classes. Each class's weight is the mean of its P normalised prompt
+    embeddings, normalised again; the score is the cosine similarity of each normalised image
+    with each class weight -> ``(N, K)`` in [-1, 1]. The predicted class is the argmax.
+    """
+    if image_features.ndim != 2 or class_text_features.ndim != 3 \
+            or class_text_features.shape[-1] != image_features.shape[-1]:
+        raise ValueError(f"expected image features (N, D) and class prompt features (K, P, D), "
+                         f"got {tuple(image_features.shape)} and "
+                         f"{tuple(class_text_features.shape)}")
+    weights = F.normalize(F.normalize(class_text_features, dim=-1).mean(1), dim=-1)   # (K, D)
+    return F.normalize(image_features, dim=-1) @ weights.T                             # (N, K)
+
+
+# The text encoder as a part: what a text-conditioned model reads
+
+
+@dataclass
+class TextEncoding:
+    """A batch of encoded captions: ``tokens`` ``(B, L, width)``, the sequence cross-attention
+    reads; ``mask`` ``(B, L)`` bool, True up to and including ``<end>``; ``pooled``
+    ``(B, embed_dim)``, the caption's normalised CLIP embedding."""
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+
+class TextEncoder(nn.Module):
+    """Captions -> :class:`TextEncoding`, with a CLIP's tokenizer, text transformer and text
+    projection: the stable interface a text-to-image model uses (lesson 08).
+
+    ``encoder(["a red star", ""])``; ``encoder.width`` is the width of ``tokens``.
+    """
+
+    def __init__(self, clip: CLIP, tokenizer: CaptionTokenizer | None = None):
+        super().__init__()
+        self.transformer, self.projection = clip.text, clip.text_projection
+        self.tokenizer = tokenizer or CaptionTokenizer(context_length=clip.config.context_length)
+        self.width = clip.config.text_width
+
+    def forward(self, captions) -> TextEncoding:
+        ids, mask = self.tokenizer.encode(captions)
+        device = self.projection.weight.device
+        tokens, pooled = self.transformer(ids.to(device))
+        return TextEncoding(tokens, mask.to(device), F.normalize(self.projection(pooled), dim=-1))
+
+
+# Using a trained CLIP: prompts for each class, zero-shot accuracy, retrieval
+
+
+def class_prompts(attribute: str, value: str, n: int, *, seed: int = 0) -> list[str]:
+    """``n`` canonical captions whose ``attribute`` is ``value`` and whose other attributes are
+    drawn at random: the prompt ensemble of one class, e.g. ``class_prompts("shape", "star",
+    8)`` -> ``["a small green star in the top left on a dark background", ...]``."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    values = ATTRIBUTE_VALUES[ATTRIBUTES.index(attribute)]
+    if value not in values:
+        raise ValueError(f"{attribute} must be one of {values}, got {value!r}")
+    rng = np.random.default_rng([seed, ATTRIBUTES.index(attribute), values.index(value)])
+    prompts = []
+    for _ in range(_check_int(n, "n", 1, 10**6)):
+        labels = [int(rng.integers(len(v))) for v in ATTRIBUTE_VALUES]
+        labels[ATTRIBUTES.index(attribute)] = values.index(value)
+        prompts.append(canonical_caption(ShapeAttributes.from_labels(labels)))
+    return prompts
+
+
+def _clip_device(clip: CLIP) -> torch.device:
+    return next(clip.parameters()).device
+
+
+@torch.no_grad()
+def embed_images(clip: CLIP, images: Tensor, *, batch_size: int = 256) -> Tensor:
+    """CLIP image embeddings ``(N, D)``, normalised, of ``images`` ``(N, 3, H, W)`` in [-1, 1]."""
+    clip.eval()
+    device = _clip_device(clip)
+    return torch.cat([F.normalize(clip.encode_image(images[i:i + batch_size].to(device).float()),
+                                  dim=-1).cpu() for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def embed_captions(clip: CLIP, captions, *, tokenizer: CaptionTokenizer | None = None,
+                   batch_size: int = 512) -> Tensor:
+    """CLIP text embeddings ``(N, D)``, normalised, of a list of captions."""
+    clip.eval()
+    tokenizer = tokenizer or CaptionTokenizer(context_length=clip.config.context_length)
+    device = _clip_device(clip)
+    captions = list(captions)
+    return torch.cat([F.normalize(clip.encode_text(tokenizer.encode(captions[i:i + batch_size])[0]
+                                                   .to(device)), dim=-1).cpu()
+                      for i in range(0, len(captions), batch_size)])
+
+
+def zero_shot_class_features(clip: CLIP, attribute: str, *, prompts_per_class: int = 32,
+                             seed: int = 0) -> Tensor:
+    """The prompt embeddings ``(K, P, D)`` of every value of ``attribute`` (see
+    :func:`class_prompts`), ready for :func:`zero_shot_scores`."""
+    values = ATTRIBUTE_VALUES[ATTRIBUTES.index(attribute)] if attribute in ATTRIBUTES else None
+    if values is None:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    prompts = [p for v in values for p in class_prompts(attribute, v, prompts_per_class, seed=seed)]
+    return embed_captions(clip, prompts).reshape(len(values), prompts_per_class, -1)
+
+
+def zero_shot_accuracy(clip: CLIP, images: Tensor, labels: Tensor, *,
+                       attributes=("shape", "colour"), prompts_per_class: int = 32,
+                       scores_fn=None) -> dict[str, float]:
+    """The share of ``images`` whose ``attributes`` CLIP names correctly with no training for
+    the task: each image goes to the class whose prompt ensemble it is most similar to.
+    ``labels`` ``(N, 5)`` in ``ATTRIBUTES`` order; ``scores_fn``: :func:`zero_shot_scores`
+    or your own."""
+    scores_fn = scores_fn or zero_shot_scores
+    image_features = embed_images(clip, images)
+    out = {}
+    for attribute in attributes:
+        classes = zero_shot_class_features(clip, attribute, prompts_per_class=prompts_per_class)
+        predicted = scores_fn(image_features, classes).argmax(-1)
+        out[attribute] = float((predicted == labels[:, ATTRIBUTES.index(attribute)].cpu())
+                               .float().mean())
+    return out
+
+
+def retrieval_recall(similarity: Tensor, *, ks=(1, 5), same: Tensor | None = None) -> dict[str, float]:
+    """Text -> image retrieval from ``similarity`` ``(N texts, N images)``, text i describing
+    image i: recall@k is the share of texts whose image is among their k most similar.
+    With ``same`` ``(N, N)`` bool (image j shows what text i says, e.g. equal labels),
+    any such image counts as found."""
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"expected a square similarity (N, N), got {tuple(similarity.shape)}")
+    n = len(similarity)
+    same = torch.eye(n, dtype=torch.bool) if same is None else same.bool() | torch.eye(n, dtype=torch.bool)
+    top = similarity.topk(max(ks), dim=1).indices.cpu()                      # (N, k)
+    hits = same.gather(1, top)                                               # (N, k)
+    return {f"recall@{k}": float(hits[:, :k].any(1).float().mean()) for k in ks}
+
+
+def load_clip(*, data_dir=None, device=None) -> CLIP:
+    """The shipped CLIP (checkpoint ``"clip"``, trained by ``python -m tools.train clip``),
+    in eval mode."""
+    config = CheckpointManifest.load(data_dir).entry("clip")["config"]
+    model = CLIP(ClipConfig(**config))
+    model.load_state_dict(load_checkpoint("clip", data_dir=data_dir))
+    return model.to(device or "cpu").eval()
+
+
+# ── 09 · Guidance from outside the denoiser ──────────────────────────────────────────
+#
+# Lesson 05 showed the denoiser as a score: ε_θ(x_t, t) = -sqrt(1-ᾱ_t) ∇ log p(x_t). Bayes'
+# rule adds a condition y without retraining the denoiser:
+#     ∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t)
+# so any model of p(y | x_t) that has a gradient steers sampling. Here: a classifier that
+# reads noised images (classifier guidance) and CLIP measured on the predicted x̂_0.
+
+
+class _TimeConvBlock(nn.Module):
+    """conv 3x3 -> GroupNorm -> scale and shift from the time embedding -> SiLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, time_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(8, c_out)
+        self.time = nn.Linear(time_dim, 2 * c_out)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.time(emb)[:, :, None, None].chunk(2, dim=1)   # 2 x (B, c_out, 1, 1)
+        return F.silu(self.norm(self.conv(x)) * (1 + scale) + shift)
+
+
+class NoisyClassifier(nn.Module):
+    """A noise-aware attribute classifier p_φ(y | x_t, t) (classifier guidance, Dhariwal &
+    Nichol 2021, sec. 4): the CNN of :class:`AttributeClassifier`, each block told the
+    timestep through a scale and shift of its normalised features.
+
+    ``forward(xt, t)``: ``xt`` ``(B, 3, 32, 32)``, ``t`` ``(B,)`` integer timesteps ->
+    ``{attribute: logits (B, K)}``. Trained by ``python -m tools.train noisy``; shipped as
+    the checkpoint ``"noisy_classifier"``.
+    """
+
+    def __init__(self, num_classes: dict[str, int] | None = None, *, width: int = 32):
+        super().__init__()
+        self.num_classes = dict(num_classes or attribute_num_classes())
+        w, time_dim = width, 4 * width
+        self.width = w
+        self.time_mlp = nn.Sequential(nn.Linear(w, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        plan = [(3, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)]
+        self.blocks = nn.ModuleList(_TimeConvBlock(a, b, s, time_dim) for a, b, s in plan)
+        self.heads = nn.ModuleDict({name: nn.Linear(4 * w, k) for name, k in self.num_classes.items()})
+
+    def forward(self, xt: Tensor, t: Tensor) -> dict[str, Tensor]:
+        emb = self.time_mlp(sinusoidal_embedding(t, self.width).to(xt.dtype))   # (B, time_dim)
+        h = xt
+        for block in self.blocks:                             # (B, 3, 32, 32) -> (B, 4w, 8, 8)
+            h = block(h, emb)
+        h = h.mean(dim=(2, 3))                                # (B, 4w)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def load_noisy_classifier(*, data_dir=None, device=None) -> NoisyClassifier:
+    """The shipped noise-aware classifier (checkpoint ``"noisy_classifier"``), in eval mode."""
+    config = CheckpointManifest.load(data_dir).entry("noisy_classifier")["config"]
+    model = NoisyClassifier(config["num_classes"], width=config["width"])
+    model.load_state_dict(load_checkpoint("noisy_classifier", data_dir=data_dir))
+    return model.to(device or "cpu").eval()
+
+
+def _check_attribute(attribute: str) -> int:
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    return ATTRIBUTES.index(attribute)
+
+
+def classifier_log_prob_grad(classifier: NoisyClassifier, xt: Tensor, t: Tensor, y: Tensor, *,
+                             attribute: str = "shape") -> Tensor:
+    """∇_{x_t} log p_φ(y | x_t, t), the classifier's pull towards class ``y`` ``(B,)``:
+    the gradient of each sample's log-softmax at its own class, ``(B, 3, H, W)`` like ``xt``.
+    Samples do not interact, so the gradient of the batch's sum is every sample's own."""
+    _check_attribute(attribute)
+    with torch.enable_grad():
+        x = xt.detach().requires_grad_(True)
+        logits = classifier(x, t)[attribute]                                  # (B, K)
+        # bfloat16 logits (autocast) in float32; float64 stays float64
+        log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
+        chosen = log_probs.gather(1, y.view(-1, 1).to(log_probs.device)).sum()
+        return torch.autograd.grad(chosen, x)[0]
+
+
+def guided_eps(model_eps: Tensor, grad_log_prob: Tensor, t: Tensor, schedule: NoiseSchedule,
+               scale: float) -> Tensor:
+    """The noise estimate steered by a guide (classifier guidance, Dhariwal & Nichol 2021,
+    eq. 14 / algorithm 2):
+
+        ε̂ = ε_θ(x_t, t) - s · sqrt(1 - ᾱ_t) · ∇_{x_t} log p(y | x_t)
+
+    ε = -sqrt(1-ᾱ_t) · score (lesson 05), so this adds s · ∇ log p(y | x_t) to the score.
+    """
+    _check_same_shape(grad_log_prob, model_eps, "grad_log_prob", "model_eps")
+    sqrt_one_minus = extract(schedule.sqrt_one_minus_alpha_bars, t, model_eps.shape)
+    return model_eps - scale * sqrt_one_minus * grad_log_prob.to(model_eps.dtype)
+
+
+def clip_guided_eps(clip: CLIP, model_eps: Tensor, xt: Tensor, t: Tensor, schedule: NoiseSchedule,
+                    text_features: Tensor, scale: float) -> Tensor:
+    """CLIP guidance on the predicted clean image (after GLIDE's CLIP guidance, Nichol et al.
+    2022, sec. 3.2; measured on x̂_0 because this CLIP has only seen clean images):
+
+        1. x̂_0 = (x_t - sqrt(1-ᾱ_t) ε_θ) / sqrt(ᾱ_t)                          (lesson 05)
+        2. g   = ∇ cos(CLIP_image(clip(x̂_0, -1, 1)), text)  w.r.t. the clipped x̂_0, ε_θ held fixed
+        3. step the clean image, x̂_0' = x̂_0 + s g, and return the ε that predicts it:
+           ε̂ = (x_t - sqrt(ᾱ_t) x̂_0') / sqrt(1-ᾱ_t) = ε_θ - s · sqrt(ᾱ_t / (1-ᾱ_t)) · g
+
+    ``text_features`` ``(B, D)`` or ``(D,)``: the target caption's CLIP embedding; ``scale``
+    s >= 0 (0 gives ε_θ back). ``xt``, ``model_eps``: ``(B, 3, H, W)``; returns ``(B, 3, H, W)``.
+    """
+    _check_same_shape(model_eps, xt, "model_eps", "xt")
+    x0_hat = predict_x0(xt, t, model_eps, schedule)
+    with torch.enable_grad():
+        x = x0_hat.detach().clamp(-1, 1).to(clip.logit_scale.dtype).requires_grad_(True)
+        image = F.normalize(clip.encode_image(x), dim=-1)                 # (B, D)
+        target = F.normalize(text_features.to(image), dim=-1).expand_as(image)
+        g = torch.autograd.grad((image * target).sum(), x)[0]             # (B, 3, H, W)
+    sqrt_snr = 1 / extract(schedule.sqrt_recipm1_alpha_bars, t, xt.shape)   # sqrt(ᾱ_t / (1-ᾱ_t)), float64-made
+    return model_eps - scale * sqrt_snr * g.to(model_eps.dtype)
+
+
+class Guided:
+    """A denoiser steered by a guide, called like a model: ``guided(xt, t)`` -> ε̂, so that
+    :func:`ddim_sample` and :func:`ddim_images` sample from it unchanged.
+
+    ``guide(model_eps, xt, t)`` returns the steered ε̂, e.g.
+    ``lambda e, x, t: guided_eps(e, classifier_log_prob_grad(c, x, t, y), t, schedule, 2.0)``.
+    """
+
+    def __init__(self, model: nn.Module, guide):
+        self.model, self.guide = model, guide
+        self.config = getattr(model, "config", None)
+
+    def __call__(self, xt: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad(), _eval_mode(self.model):   # as ddim_sample runs a network
+            model_eps = self.model(xt, t)
+        return self.guide(model_eps, xt, t).detach()

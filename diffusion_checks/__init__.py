@@ -22,3 +22,7 @@ from diffusion_checks.lesson04 import (check_attribute_embedding,  # noqa: F401
                                        check_drop_condition)
 from diffusion_checks.lesson05 import (check_ddim_invert, check_ddim_step,  # noqa: F401
                                        check_ddim_timesteps, check_score_from_eps, check_slerp)
+from diffusion_checks.lesson06 import (check_causal_mask, check_contrastive_loss,  # noqa: F401
+                                       check_patchify, check_zero_shot_scores)
+from diffusion_checks.lesson09 import (check_classifier_log_prob_grad,  # noqa: F401
+                                       check_clip_guided_eps, check_guided_eps)

@@ -133,3 +133,30 @@ def test_ddpm_model_still_makes_recognisable_shapes():
 
 CHECK_STEPS = 100  # respaced DDPM steps for the quick check (the manifest says what it used)
 MARGIN = 0.2
+
+
+def test_clip_still_names_shapes_and_colours_zero_shot():
+    entry = shipped("clip")
+    clip = du.load_clip()
+    for split, seed, key in (("train", 20_000, "zero_shot_seen"),
+                             ("held_out", 20_001, "zero_shot_held_out")):
+        images, labels = shapes_tensors(300, seed=seed, split=split)
+        accuracy = du.zero_shot_accuracy(clip, images, labels)
+        for name in ("shape", "colour"):
+            # 300 images: a binomial standard deviation of at most 0.03 around the manifest's
+            assert accuracy[name] >= entry["quality"][key][name] - 0.08, (split, name, accuracy)
+
+
+def test_noisy_classifier_still_reads_noised_images():
+    entry = shipped("noisy_classifier")
+    model = du.load_noisy_classifier()
+    schedule = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
+    images, labels = shapes_tensors(300, seed=20_002, split="train")
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 250, (len(images),), generator=g)   # the first quarter of [0, T)
+    xt = du.q_sample(images, t, torch.randn(images.shape, generator=g), schedule)
+    with torch.no_grad():
+        logits = model(xt, t)
+    for i, name in ((0, "shape"), (1, "colour")):
+        accuracy = (logits[name].argmax(-1) == labels[:, i]).float().mean().item()
+        assert accuracy >= entry["quality"][f"train {name}, t in [0, 250)"] - 0.08, name

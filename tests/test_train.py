@@ -322,3 +322,155 @@ def test_a_failure_while_writing_leaves_the_old_checkpoint_and_manifest(tmp_path
     assert (tmp_path / "manifest.json").read_bytes() == files["manifest.json"]
     assert sorted(os.listdir(tmp_path)) == sorted([*files, "other.pt"])
     assert du.load_checkpoint("tiny", data_dir=tmp_path)["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+# ── lesson 06's CLIP and lesson 09's noise-aware classifier ─────────────────────────
+
+TINY_CLIP = ["--steps", "6", "--warmup", "1", "--num-images", "64", "--batch-size", "16",
+             "--width", "16", "--layers", "1", "--eval-every", "1000"]
+TINY_NOISY = ["--steps", "4", "--warmup", "1", "--num-images", "40", "--batch-size", "8",
+              "--width", "8"]
+
+
+def in_unit_interval(values) -> bool:
+    return all(0.0 <= v <= 1.0 for v in values)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_clip_run_writes_what_load_clip_reads_and_a_fine_tune_chains_onto_it(tmp_path, capsys):
+    common = [*TINY_CLIP, "--data-dir", str(tmp_path)]
+    train.main(["clip", *common])
+    first = record(tmp_path, "clip")
+    assert first["steps"] == 6 and first["dtype"] == "float32"
+    assert first["command"] == "python -m tools.train clip " + " ".join(common)
+    config = du.ClipConfig(**first["config"])
+    assert (config.vision_width, config.text_width, config.embed_dim) == (16, 16, 16)
+    assert (config.vision_layers, config.text_layers, config.patch_size) == (1, 1, 4)
+    assert first["parameters"] == du.count_parameters(du.CLIP(config))
+    quality = first["quality"]
+    for split in ("zero_shot_seen", "zero_shot_held_out"):
+        assert set(quality[split]) == {"shape", "colour"}
+        assert in_unit_interval(quality[split].values())
+    assert {"recall@1", "recall@5"} <= set(quality["retrieval"])
+    assert in_unit_interval(quality["retrieval"].values())
+    assert first["training"]["final_loss"] > 0 and first["training"]["batch_size"] == 16
+    assert "training in " in capsys.readouterr().out
+    assert not (tmp_path / "clip.resume.pt").exists()
+
+    clip = du.load_clip(data_dir=tmp_path)
+    assert not clip.training and clip.config == config
+    images = du.from_uint8(du.make_shapes(3, seed=1).images)
+    ids, _ = du.CaptionTokenizer().encode(["a red star", "", "a blue circle"])
+    assert clip(images, ids).shape == (3, 3)
+
+    train.main(["clip", *common[:1], "2", *common[2:], "--init-from", "clip", "--half"])
+    second = record(tmp_path, "clip")
+    assert second["steps"] == 8 and second["dtype"] == "float16"
+    assert second["command"].startswith(first["command"] + " && python -m tools.train clip ")
+    assert second["device"].startswith(first["device"] + "; then ")
+    assert du.load_clip(data_dir=tmp_path).config == config
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_noisy_run_writes_what_load_noisy_classifier_reads(tmp_path):
+    train.main(["noisy", *TINY_NOISY, "--data-dir", str(tmp_path)])
+    entry = record(tmp_path, "noisy_classifier")
+    assert entry["steps"] == 4 and entry["config"]["width"] == 8
+    assert entry["config"]["num_classes"] == du.attribute_num_classes()
+    # the schedule of the shipped diffusion models, which the classifier was trained on
+    assert entry["schedule"] == du.CheckpointManifest.load().entry("ddpm_shapes")["schedule"]
+    quality = {k: v for k, v in entry["quality"].items() if k != "measures"}
+    assert len(quality) == 2 * 2 * 4 and in_unit_interval(quality.values())
+    assert "held_out colour, t in [750, 1000)" in quality
+    classifier = du.load_noisy_classifier(data_dir=tmp_path)
+    assert not classifier.training and classifier.width == 8
+    logits = classifier(torch.zeros(2, 3, 32, 32), torch.tensor([0, 999]))
+    assert {k: v.shape[1] for k, v in logits.items()} == du.attribute_num_classes()
+    assert not (tmp_path / "noisy_classifier.resume.pt").exists()
+
+
+def test_faster_in_bfloat16_times_both_and_picks_the_faster(monkeypatch, capsys):
+    for bf16_seconds, expected in ((0.5, True), (2.0, False)):
+        clock, calls = [0.0], []
+
+        def step(bf16):
+            calls.append(bf16)
+            clock[0] += bf16_seconds if bf16 else 1.0
+        monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+        assert train.faster_in_bfloat16(step, tries=3) is expected
+        assert calls == [False] * 4 + [True] * 4   # a warm-up step, then the timed ones
+        assert f"one step: float32 1.00 s, bfloat16 {bf16_seconds:.2f} s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["clip", "--steps", "10", "--warmup", "10"],
+     "argument --warmup: expected a whole number from 0 to --steps - 1 = 9, got 10"),
+    (["clip", "--patch-size", "5"],
+     "argument --patch-size: expected a divisor of the image size 32, got 5"),
+    (["clip", "--patch-size", "64"],
+     "argument --patch-size: expected a divisor of the image size 32, got 64"),
+    (["clip", "--batch-size", "1"], "argument --batch-size: expected a whole number >= 2, got 1"),
+    (["clip", "--width", "10"], "argument --width: expected a multiple of 4 >= 8, got 10"),
+    (["clip", "--layers", "0"], "argument --layers: expected a whole number >= 1, got 0"),
+    (["clip", "--num-images", "1"], "argument --num-images: expected a whole number from 2 to"),
+    (["clip", "--eval-every", "0"], "argument --eval-every: expected a whole number >= 1, got 0"),
+    (["noisy", "--steps", "50"], "argument --warmup: expected a whole number from 0 to "
+                                 "--steps - 1 = 49, got 100"),
+    (["noisy", "--width", "12"], "argument --width: expected a multiple of 8 >= 8, got 12"),
+    (["noisy", "--lr", "0"], "argument --lr: expected a number > 0, got 0"),
+    (["noisy", "--num-images", "4"], "argument --num-images: expected a whole number from 5 to"),
+])
+def test_bad_clip_and_noisy_arguments_are_refused(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train_clip", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(train, "train_noisy", lambda *a: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m tools.train {argv[0]}: error: {message}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("what, name", [("clip", "clip"), ("noisy", "noisy_classifier")])
+def test_init_from_a_missing_clip_or_noisy_checkpoint_names_it(what, name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main([what, "--init-from", name, "--data-dir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"argument --init-from: no checkpoint called {name!r}" in capsys.readouterr().err
+
+
+def count_timing_steps(monkeypatch) -> list:
+    """Count the training steps that train.faster_in_bfloat16 runs to time them."""
+    calls, real = [], train.faster_in_bfloat16
+    monkeypatch.setattr(train, "faster_in_bfloat16",
+                        lambda step, **kw: real(lambda bf16: calls.append(1) or step(bf16), **kw))
+    return calls
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("what, name, tiny, in_step", [
+    ("clip", "clip", TINY_CLIP, "contrastive_loss"),
+    ("noisy", "noisy_classifier", TINY_NOISY, "q_sample"),
+])
+def test_an_interrupted_clip_or_noisy_run_resumes_to_the_same_result(
+        what, name, tiny, in_step, tmp_path, capsys, monkeypatch):
+    # the quality measure is tested above; --float32: the same mode in every run
+    monkeypatch.setattr(train, "clip_quality", lambda model: {})
+    monkeypatch.setattr(train, "noisy_quality", lambda model, schedule: {})
+    tiny = [*tiny, "--float32", "--save-every", "2"]
+    timing = count_timing_steps(monkeypatch)
+    train.main([what, *tiny, "--data-dir", str(tmp_path / "whole")])
+    argv = [what, *tiny, "--data-dir", str(tmp_path / "parts")]
+    with monkeypatch.context() as patch:  # Ctrl-C in the middle of training step 3
+        press_ctrl_c(patch, du, in_step, at_call=len(timing) + 3)
+        assert "after step 3 is saved" in stopped(argv, capsys)
+    assert torch.load(tmp_path / "parts" / f"{name}.resume.pt", weights_only=True)["step"] == 3
+    train.main([*argv, "--resume"])
+    assert "resuming after step 3" in capsys.readouterr().out
+    difference = largest_difference(du.load_checkpoint(name, data_dir=tmp_path / "parts"),
+                                    du.load_checkpoint(name, data_dir=tmp_path / "whole"))
+    assert difference <= 1e-6
+    assert not (tmp_path / "parts" / f"{name}.resume.pt").exists()
+    before, after = record(tmp_path / "whole", name), record(tmp_path / "parts", name)
+    assert after["steps"] == before["steps"] and after["command"] == before["command"].replace(
+        str(tmp_path / "whole"), str(tmp_path / "parts"))

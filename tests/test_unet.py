@@ -524,3 +524,24 @@ def test_fast_path_trains_alike(fresh_fast_setup):
     quick = losses(*du.fast_setup(small_unet(), mode="bfloat16_channels_last"))
     assert plain[-1] < 0.8 * plain[0] and quick[-1] < 0.8 * quick[0]
     assert abs(plain[-1] - quick[-1]) < 0.05 * plain[0]
+
+
+def test_caption_unet_takes_clip_text_encoder_frozen():
+    """Lesson 04's word-level text model can be swapped for lesson 06's CLIP text encoder:
+    the UNet reads its token embeddings, and the encoder stays frozen in training mode."""
+    torch.manual_seed(0)
+    clip = du.CLIP(du.ClipConfig(vision_width=16, text_width=16, embed_dim=16,
+                                 vision_layers=1, text_layers=1))
+    config = du.UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(16,),
+                           context_dim=16, num_res_blocks=1, image_size=16)
+    model = du.CaptionUNet(config, text_encoder=clip.text)
+    model.train()
+    assert not model.text.training and not any(p.requires_grad for p in model.text.parameters())
+    ids, mask = du.CaptionTokenizer().encode(["a red star", "a blue circle"])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 500])
+    out = model(x, t, ids=ids, mask=mask)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert all(p.grad is None for p in model.text.parameters())
+    with pytest.raises(ValueError, match="either vocab_size"):
+        du.CaptionUNet(config, 40, text_encoder=clip.text)

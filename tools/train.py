@@ -4,6 +4,8 @@
     python -m tools.train ddpm --steps 6000     # lesson 03's unconditional DDPM model
     python -m tools.train ddpm --steps 6000 --resume    # continue it after an interruption
     python -m tools.train cond --init-from ddpm_shapes  # lesson 04's conditional model
+    python -m tools.train clip                  # lesson 06's CLIP
+    python -m tools.train noisy                 # lesson 09's noise-aware classifier
 
 Each command writes data/<name>.pt and its record in data/manifest.json: the exact
 command, steps, wall time, device, parameter count, model config and the quality reached.
@@ -19,6 +21,7 @@ deleted once the checkpoint is written.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import platform
@@ -172,6 +175,13 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         if args.max_minutes is not None and args.lr_shape != "constant":
             parser.error("argument --max-minutes: needs --lr-shape constant (a cosine decay "
                          "is planned to end at --steps)")
+    elif args.what in ("clip", "noisy"):
+        if args.warmup >= args.steps:
+            parser.error(f"argument --warmup: expected a whole number from 0 to --steps - 1 "
+                         f"= {args.steps - 1}, got {args.warmup}")
+        if args.what == "clip" and 32 % args.patch_size:
+            parser.error(f"argument --patch-size: expected a divisor of the image size 32, "
+                         f"got {args.patch_size}")
     elif args.epochs * args.num_images < args.batch_size:
         parser.error(f"argument --batch-size: expected at most --epochs x --num-images = "
                      f"{args.epochs * args.num_images} (the images of the whole run), "
@@ -473,6 +483,258 @@ def train_classifier(args, run: Resumable, resumed: dict | None) -> None:
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
+# ── lesson 06's CLIP ──────────────────────────────────────────────────────────────────
+
+
+def clip_config(args) -> du.ClipConfig:
+    return du.ClipConfig(patch_size=args.patch_size, vision_width=args.width,
+                         text_width=args.width, embed_dim=args.width,
+                         vision_layers=args.layers, text_layers=args.layers)
+
+
+def faster_in_bfloat16(step, *, tries: int = 2) -> bool:
+    """Time ``step(bf16)`` (one training step, run for real) in float32 and in bfloat16
+    autocast on this machine; True if bfloat16 is faster. CPUs differ: on some bfloat16
+    is 2x faster, on others slower."""
+    seconds = {}
+    for bf16 in (False, True):
+        step(bf16)  # warm-up
+        start = time.perf_counter()
+        for _ in range(tries):
+            step(bf16)
+        seconds[bf16] = time.perf_counter() - start
+    print(f"one step: float32 {seconds[False] / tries:.2f} s, bfloat16 "
+          f"{seconds[True] / tries:.2f} s", flush=True)
+    return seconds[True] < seconds[False]
+
+
+def restore_or_measure(resumed: dict | None, model, opt, sched, step, args) -> tuple[int, bool]:
+    """Where a run starts: ``(steps done, bfloat16 or not)``. After an interruption, the saved
+    weights, optimiser, learning-rate schedule and generators, and the precision chosen then;
+    otherwise the precision measured with real ``step(bf16)`` calls, whose effect on the
+    weights and optimiser is then undone, and the generators seeded afresh."""
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        set_rng_states(resumed["rng"])
+        done, bf16 = resumed["step"], bool(resumed["bf16"])
+    else:
+        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        bf16 = faster_in_bfloat16(step) and not args.float32
+        model.load_state_dict(snapshot[0])   # the timing steps leave no trace in the model
+        opt.load_state_dict(snapshot[1])
+        du.seed_everything(args.seed)
+        done = 0
+    print(f"training in {'bfloat16 autocast' if bf16 else 'float32'}", flush=True)
+    return done, bf16
+
+
+@torch.no_grad()
+def clip_quality(model) -> dict:
+    """Zero-shot accuracy of shape and colour on fresh images of the seen and of the held-out
+    pairs, and text -> image retrieval recalls in galleries of 100."""
+    model.eval()
+    seen = du.make_shapes(1000, seed=10_000, split="train")
+    held = du.make_shapes(1000, seed=10_001, split="held_out")
+    zero_seen = du.zero_shot_accuracy(model, du.from_uint8(seen.images), seen.labels)
+    zero_held = du.zero_shot_accuracy(model, du.from_uint8(held.images), held.labels)
+    recalls = []
+    for i in range(0, 1000, 100):
+        img = du.embed_images(model, du.from_uint8(seen.images[i:i + 100]))
+        txt = du.embed_captions(model, seen.captions[i:i + 100])
+        labels = seen.labels[i:i + 100]
+        same = (labels[:, None, :] == labels[None, :, :]).all(-1)
+        strict = du.retrieval_recall(txt @ img.T)
+        loose = du.retrieval_recall(txt @ img.T, same=same)
+        recalls.append({**strict, **{f"{k} (same attributes)": v for k, v in loose.items()}})
+    retrieval = {k: round(float(np.mean([r[k] for r in recalls])), 4) for k in recalls[0]}
+    model.train()
+    return {"zero_shot_seen": {k: round(v, 4) for k, v in zero_seen.items()},
+            "zero_shot_held_out": {k: round(v, 4) for k, v in zero_held.items()},
+            "retrieval": retrieval}
+
+
+def train_clip(args, run: Resumable, resumed: dict | None) -> None:
+    """Train :class:`du.CLIP` on images of the seen pairs only (the held-out pairs stay
+    unseen, image and caption, for the zero-shot test), with a fresh wording of each caption
+    every time an image is drawn."""
+    du.seed_everything(args.seed)
+    data = du.make_shapes(args.num_images, seed=args.seed, split="train")
+    images = du.from_uint8(data.images)
+    tokenizer = du.CaptionTokenizer()
+    model = du.CLIP(clip_config(args))
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = du.make_lr_scheduler(opt, warmup_steps=args.warmup, total_steps=args.steps,
+                                 shape="cosine")
+    caption_rng = np.random.default_rng([args.seed, 6])
+
+    def batch():
+        idx = torch.randint(0, len(images), (args.batch_size,))
+        captions = [du.caption_for(data.attributes[i], caption_rng) for i in idx.tolist()]
+        return images[idx], tokenizer.encode(captions)[0]
+
+    def step(bf16: bool) -> float:
+        x, ids = batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = du.contrastive_loss(model.encode_image(x), model.encode_text(ids),
+                                       model.logit_scale.clamp(max=math.log(100)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    if resumed:
+        caption_rng.bit_generator.state = resumed["caption_rng"]
+    done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
+    losses = []
+    model.train()
+    with CtrlC() as ctrl_c:
+        for s in du.tqdm(range(done + 1, args.steps + 1), desc="clip", initial=done,
+                         total=args.steps):
+            losses.append(step(bf16))
+            sched.step()
+            if s % args.log_every == 0:
+                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.4f}, "
+                      f"temperature {1 / float(model.scale().detach()):.4f}", flush=True)
+            if s % args.eval_every == 0 and s < args.steps:
+                print(f"step {s}:", clip_quality(model), flush=True)
+            if run.due(s) or s == args.steps or ctrl_c.pressed:
+                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                         caption_rng=caption_rng.bit_generator.state)
+            if ctrl_c.pressed:
+                run.stop()
+    wall = time.time() - start
+    quality = clip_quality(model)
+    print("quality:", quality, flush=True)
+    config = dataclasses.asdict(model.config)
+    entry = du.save_checkpoint(
+        "clip", model.state_dict(), data_dir=args.data_dir, half=args.half,
+        command=earlier.chain_command(the_command(run.argv)),
+        steps=earlier.steps + args.steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(device_description(torch.device("cpu")) +
+                                    (", bfloat16 autocast" if bf16 else ", float32"), args.steps),
+        parameters=du.count_parameters(model), config=config,
+        training={"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup,
+                  "num_images": args.num_images, "final_loss": round(float(np.mean(losses[-50:])), 4),
+                  "temperature": round(1 / float(model.scale().detach()), 4), "recipe": args.recipe},
+        quality={"measures": "zero-shot accuracy (prompt ensembles of 32 canonical captions "
+                             "per class) on 1000 fresh images of the seen pairs (seed 10000) "
+                             "and 1000 of the held-out pairs (seed 10001), never trained on; "
+                             "text -> image recall@k in galleries of 100 (10 galleries), "
+                             "strictly the captioned image, or any image with its attributes",
+                 **quality},
+    )
+    run.finish()
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+
+
+# ── lesson 09's noise-aware classifier ───────────────────────────────────────────────
+
+
+def noisy_schedule() -> du.NoiseSchedule:
+    """The schedule of the shipped diffusion models, which the classifier must match."""
+    record = du.CheckpointManifest.load().entry("ddpm_shapes")["schedule"]
+    return du.NoiseSchedule.from_betas(du.make_beta_schedule(record["name"], record["T"]))
+
+
+@torch.no_grad()
+def noisy_quality(model, schedule) -> dict:
+    """Accuracy of the shape and colour heads on fresh noised images (1000 of the seen pairs,
+    seed 10000, and 1000 of the held-out pairs, seed 10001), by range of t."""
+    model.eval()
+    out = {}
+    for split, seed in (("train", 10_000), ("held_out", 10_001)):
+        x0, labels = shapes_tensors(1000, seed=seed, split=split)
+        g = torch.Generator().manual_seed(seed)
+        for low in range(0, schedule.T, schedule.T // 4):
+            t = torch.randint(low, low + schedule.T // 4, (len(x0),), generator=g)
+            xt = du.q_sample(x0, t, torch.randn(x0.shape, generator=g), schedule)
+            logits = model(xt, t)
+            for i, name in ((0, "shape"), (1, "colour")):
+                key = f"{split} {name}, t in [{low}, {low + schedule.T // 4})"
+                out[key] = round(float((logits[name].argmax(-1) == labels[:, i]).float().mean()), 4)
+    model.train()
+    return out
+
+
+def train_noisy(args, run: Resumable, resumed: dict | None) -> None:
+    """Train :class:`du.NoisyClassifier` on x_t = q_sample(x_0, t, ε) with t uniform in
+    [0, T), on both splits (as the attribute classifier: guidance may ask for any pair)."""
+    du.seed_everything(args.seed)
+    schedule = noisy_schedule()
+    n_held = args.num_images // 5
+    x_a, y_a = shapes_tensors(args.num_images - n_held, seed=args.seed, split="train")
+    x_b, y_b = shapes_tensors(n_held, seed=args.seed, split="held_out")
+    images, labels = torch.cat([x_a, x_b]), torch.cat([y_a, y_b])
+    model = du.NoisyClassifier(width=args.width)
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = du.make_lr_scheduler(opt, warmup_steps=args.warmup, total_steps=args.steps,
+                                 shape="cosine")
+
+    def step(bf16: bool) -> float:
+        idx = torch.randint(0, len(images), (args.batch_size,))
+        t = torch.randint(0, schedule.T, (args.batch_size,))
+        xt = du.q_sample(images[idx], t, torch.randn_like(images[idx]), schedule)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xt, t)
+        loss = sum(torch.nn.functional.cross_entropy(logits[name].float(), labels[idx, i])
+                   for i, name in enumerate(du.ATTRIBUTES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
+    losses = []
+    model.train()
+    with CtrlC() as ctrl_c:
+        for s in du.tqdm(range(done + 1, args.steps + 1), desc="noisy classifier",
+                         initial=done, total=args.steps):
+            losses.append(step(bf16))
+            sched.step()
+            if s % args.log_every == 0:
+                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.4f}", flush=True)
+            if run.due(s) or s == args.steps or ctrl_c.pressed:
+                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            if ctrl_c.pressed:
+                run.stop()
+    wall = time.time() - start
+    quality = noisy_quality(model, schedule)
+    print("quality:", quality, flush=True)
+    entry = du.save_checkpoint(
+        "noisy_classifier", model.state_dict(), data_dir=args.data_dir, half=args.half,
+        command=earlier.chain_command(the_command(run.argv)),
+        steps=earlier.steps + args.steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(device_description(torch.device("cpu")) +
+                                    (", bfloat16 autocast" if bf16 else ", float32"), args.steps),
+        parameters=du.count_parameters(model),
+        config={"num_classes": model.num_classes, "width": args.width},
+        schedule=du.CheckpointManifest.load().entry("ddpm_shapes")["schedule"],
+        training={"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup,
+                  "num_images": args.num_images,
+                  "final_loss": round(float(np.mean(losses[-100:])), 4)},
+        quality={"measures": "accuracy of the shape and colour heads on fresh images noised "
+                             "to t drawn uniformly in each quarter of [0, T)", **quality},
+    )
+    run.finish()
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+
+
 # ── the DDPM model of lesson 03 ───────────────────────────────────────────────────────
 
 
@@ -647,7 +909,8 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
-NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes", "cond": "cond_shapes"}  # the checkpoint each trains
+NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes", "cond": "cond_shapes",
+         "clip": "clip", "noisy": "noisy_classifier"}  # the checkpoint each trains
 MAX_IMAGES = 10**7  # du.make_shapes's limit
 
 
@@ -703,7 +966,42 @@ def main(argv: list[str] | None = None) -> None:
                        help="weight the loss by min(SNR, gamma) / SNR (Hang et al. 2023)")
         q.add_argument("--recipe", default=None,
                        help="a note for the manifest: why this recipe (not used by training)")
-    for p in (c, d, k):
+    g = sub.add_parser("clip", help="lesson 06's CLIP (image and text encoders)")
+    g.add_argument("--steps", type=whole(1), default=3000)
+    g.add_argument("--batch-size", type=whole(2), default=256)
+    g.add_argument("--lr", type=number(above=0), default=5e-4, help="peak learning rate")
+    g.add_argument("--warmup", type=whole(0), default=100,
+                   help="steps of linear warm-up, then a cosine decay to 0 at --steps")
+    g.add_argument("--num-images", type=whole(2, MAX_IMAGES), default=40_000)
+    g.add_argument("--patch-size", type=whole(1), default=4)
+    g.add_argument("--width", type=whole(8, multiple_of=4), default=128,
+                   help="width of both encoders and of the shared space (4 heads)")
+    g.add_argument("--layers", type=whole(1), default=4, help="blocks in each encoder")
+    g.add_argument("--float32", action="store_true",
+                   help="train in float32 even where bfloat16 autocast measures faster")
+    g.add_argument("--half", action="store_true", help="store the weights as float16")
+    g.add_argument("--log-every", type=whole(1), default=50)
+    g.add_argument("--eval-every", type=whole(1), default=1000)
+    g.add_argument("--init-from", default=None,
+                   help="start from this shipped checkpoint (e.g. clip) and fine-tune")
+    g.add_argument("--recipe", default=None,
+                   help="a note for the manifest: why this recipe (not used by training)")
+    n = sub.add_parser("noisy", help="lesson 09's noise-aware classifier (classifier guidance)")
+    n.add_argument("--steps", type=whole(1), default=4000)
+    n.add_argument("--batch-size", type=whole(1), default=128)
+    n.add_argument("--lr", type=number(above=0), default=2e-3, help="peak learning rate")
+    n.add_argument("--warmup", type=whole(0), default=100,
+                   help="steps of linear warm-up, then a cosine decay to 0 at --steps")
+    n.add_argument("--num-images", type=whole(5, MAX_IMAGES), default=20_000)
+    n.add_argument("--width", type=whole(8, multiple_of=8), default=32,
+                   help="channels of the first layer (GroupNorm uses 8 groups)")
+    n.add_argument("--float32", action="store_true",
+                   help="train in float32 even where bfloat16 autocast measures faster")
+    n.add_argument("--half", action="store_true", help="store the weights as float16")
+    n.add_argument("--log-every", type=whole(1), default=100)
+    n.add_argument("--init-from", default=None,
+                   help="start from this shipped checkpoint (e.g. noisy_classifier)")
+    for p in (c, d, k, g, n):
         p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
         p.add_argument("--data-dir", default=None,
                        help="folder for the checkpoint and its manifest record, also where "
@@ -718,7 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="continue the interrupted run of this same command from "
                             "<data-dir>/<name>.resume.pt")
     args = parser.parse_args(argv)
-    command = {"classifier": c, "ddpm": d, "cond": k}[args.what]
+    command = {"classifier": c, "ddpm": d, "cond": k, "clip": g, "noisy": n}[args.what]
     check_arguments(command, args)
     run = Resumable(NAMES[args.what], args, argv)
     resumed = run.load(command) if args.resume else None
@@ -728,7 +1026,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = {"classifier": train_classifier, "ddpm": train_ddpm, "cond": train_ddpm}[args.what]
+    train = {"classifier": train_classifier, "ddpm": train_ddpm, "cond": train_ddpm,
+             "clip": train_clip, "noisy": train_noisy}[args.what]
     try:
         train(args, run, resumed)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
