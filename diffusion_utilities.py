@@ -3310,7 +3310,8 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
 
 
 def zero_shot_scores(image_features: Tensor, class_text_features: Tensor) -> Tensor:
-    """Zero-shot classification scores (CLIP, sec. 3.1.4, with prompt ensembling, 3.1.4):
+    """Zero-shot classification scores (CLIP, Radford et al. 2021, sec. 3.1.4: zero-shot
+    transfer and prompt ensembling):
 
     ``image_features`` ``(N, D)``; ``class_text_features`` ``(K, P, D)``: the embeddings of P
     prompts for each of K classes. Each class's weight is the mean of its P normalised prompt

@@ -1,0 +1,31 @@
+"""The benchmark scripts of lessons 06 and 09 run end to end in their quick mode and print
+every row (their numbers are for reading, not for asserting here)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import diffusion_utilities as du
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick(script: str, timeout: int = 120) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_clip_quick_prints_targets_recalls_and_throughput():
+    if "clip" not in du.CheckpointManifest.load().entries:
+        pytest.skip("the clip checkpoint is not shipped")
+    text = run_quick("bench_clip.py")
+    for row in ("zero-shot accuracy", "seen", "held-out", "target", "recall@1", "recall@5",
+                "images:", "captions:"):
+        assert row in text, f"{row!r} missing from the output:\n{text}"
+    assert "MET" in text
