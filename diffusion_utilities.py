@@ -3558,7 +3558,7 @@ def guided_eps(model_eps: Tensor, grad_log_prob: Tensor, t: Tensor, schedule: No
 def clip_guided_eps(clip: CLIP, model_eps: Tensor, xt: Tensor, t: Tensor, schedule: NoiseSchedule,
                     text_features: Tensor, scale: float) -> Tensor:
     """CLIP guidance on the predicted clean image (after GLIDE's CLIP guidance, Nichol et al.
-    2022, sec. 3.2; measured on x̂_0 because this CLIP has only seen clean images):
+    2022, sec. 2.4; measured on x̂_0 because this CLIP has only seen clean images):
 
         1. x̂_0 = (x_t - sqrt(1-ᾱ_t) ε_θ) / sqrt(ᾱ_t)                          (lesson 05)
         2. g   = ∇ cos(CLIP_image(clip(x̂_0, -1, 1)), text)  w.r.t. the clipped x̂_0, ε_θ held fixed

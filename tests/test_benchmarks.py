@@ -29,3 +29,14 @@ def test_bench_clip_quick_prints_targets_recalls_and_throughput():
                 "images:", "captions:"):
         assert row in text, f"{row!r} missing from the output:\n{text}"
     assert "MET" in text
+
+
+def test_bench_guidance_quick_prints_both_tables():
+    entries = du.CheckpointManifest.load().entries
+    missing = {"ddpm_shapes", "noisy_classifier", "clip", "classifier"} - set(entries)
+    if missing:
+        pytest.skip(f"not shipped: {sorted(missing)}")
+    text = run_quick("bench_guidance.py")
+    for row in ("1. classifier guidance", "2. CLIP guidance", "real images", "target acc",
+                "Fréchet", "kernel"):
+        assert row in text, f"{row!r} missing from the output:\n{text}"
