@@ -2076,6 +2076,20 @@ def sample_images(model: nn.Module, n: int, schedule: NoiseSchedule, *,
     return torch.cat(out)
 
 
+def load_diffusion_model(name: str = "ddpm_shapes", *, data_dir=None,
+                         device=None) -> tuple[UNet, NoiseSchedule]:
+    """A shipped diffusion UNet (its EMA weights, in eval mode) and the schedule it was trained
+    with, both on ``device``: ``model, schedule = du.load_diffusion_model()``."""
+    entry = CheckpointManifest.load(data_dir).entry(name)
+    if "schedule" not in entry:
+        raise ValueError(f"checkpoint {name!r} is not a diffusion model (it has no schedule)")
+    model = UNet(UNetConfig(**entry["config"]))
+    model.load_state_dict(load_checkpoint(name, data_dir=data_dir))
+    device = device or "cpu"
+    schedule = NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
+    return model.to(device).eval(), schedule.to(device)
+
+
 # Measuring quality: a classifier that reads the attributes back from an image
 
 

@@ -43,16 +43,6 @@ CLASSIFIER_SCALES = (0, 1, 3, 10, 30, 100, 300)
 CLIP_SCALES = (0, 3, 10, 30, 100, 300)
 
 
-def load_shipped(device):
-    """The shipped unconditional model and its schedule, as lesson 03 loads them."""
-    entry = du.CheckpointManifest.load().entry("ddpm_shapes")
-    model = du.UNet(du.UNetConfig(**entry["config"])).to(device)
-    model.load_state_dict(du.load_checkpoint("ddpm_shapes"))   # its EMA weights
-    model.eval()
-    schedule = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
-    return model, schedule.to(device)
-
-
 def real_images_with(values: torch.Tensor, *, seed: int) -> torch.Tensor:
     """Real images whose shape is ``values[i]``, one per value, in that order."""
     data = du.make_shapes(20 * len(values), seed=seed)
@@ -124,7 +114,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = du.get_device()
-    model, schedule = load_shipped(device)
+    model, schedule = du.load_diffusion_model(device=device)
     judge = du.load_classifier(device=device)
     targets = torch.arange(len(du.SHAPES)).repeat(-(-args.n // len(du.SHAPES)))[:args.n]
     reference = real_images_with(targets, seed=du.REFERENCE_SEED)

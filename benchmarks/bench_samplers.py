@@ -73,16 +73,6 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_shipped(device):
-    """The shipped unconditional model and its schedule, as lesson 03 loads them."""
-    entry = du.CheckpointManifest.load().entry("ddpm_shapes")
-    model = du.UNet(du.UNetConfig(**entry["config"])).to(device)
-    model.load_state_dict(du.load_checkpoint("ddpm_shapes"))   # its EMA weights
-    model.eval()
-    schedule = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
-    return model, schedule
-
-
 def timed(fn):
     """``(result, seconds)`` of ``fn()``."""
     start = time.perf_counter()
@@ -270,7 +260,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = du.get_device()
-    model, schedule = load_shipped(device)
+    model, schedule = du.load_diffusion_model(device=device)
     classifier = du.load_classifier(device=device)
     print(f"torch {torch.__version__}, {platform.machine()} {device}, {torch.get_num_threads()} "
           f"threads, load average {os.getloadavg()[0]:.1f}; model ddpm_shapes "

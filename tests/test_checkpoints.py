@@ -160,3 +160,15 @@ def test_noisy_classifier_still_reads_noised_images():
     for i, name in ((0, "shape"), (1, "colour")):
         accuracy = (logits[name].argmax(-1) == labels[:, i]).float().mean().item()
         assert accuracy >= entry["quality"][f"train {name}, t in [0, 250)"] - 0.08, name
+
+
+def test_load_diffusion_model_gives_the_model_and_its_schedule():
+    entry = shipped("ddpm_shapes")
+    model, schedule = du.load_diffusion_model()
+    assert not model.training and schedule.T == entry["schedule"]["T"]
+    expected = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
+    assert torch.equal(schedule.alpha_bars, expected.alpha_bars)
+    state = du.load_checkpoint("ddpm_shapes")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not a diffusion model"):
+        du.load_diffusion_model("classifier")
