@@ -1723,6 +1723,14 @@ def save_checkpoint(name: str, state_dict: dict, *, command: str, data_dir=None,
     return manifest.entries[name]
 
 
+def load_shipped_model(name: str, build, *, data_dir=None, device=None) -> nn.Module:
+    """The shipped checkpoint ``name`` loaded into ``build(config)``, the model its manifest
+    ``config`` describes, on ``device`` (default the CPU) and in eval mode."""
+    model = build(CheckpointManifest.load(data_dir).entry(name)["config"])
+    model.load_state_dict(load_checkpoint(name, data_dir=data_dir))
+    return model.to(device or "cpu").eval()
+
+
 # The training objective
 
 
@@ -2083,11 +2091,10 @@ def load_diffusion_model(name: str = "ddpm_shapes", *, data_dir=None,
     entry = CheckpointManifest.load(data_dir).entry(name)
     if "schedule" not in entry:
         raise ValueError(f"checkpoint {name!r} is not a diffusion model (it has no schedule)")
-    model = UNet(UNetConfig(**entry["config"]))
-    model.load_state_dict(load_checkpoint(name, data_dir=data_dir))
-    device = device or "cpu"
+    model = load_shipped_model(name, lambda config: UNet(UNetConfig(**config)),
+                               data_dir=data_dir, device=device)
     schedule = NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
-    return model.to(device).eval(), schedule.to(device)
+    return model, schedule.to(device or "cpu")
 
 
 # Measuring quality: a classifier that reads the attributes back from an image
@@ -2131,10 +2138,9 @@ class AttributeClassifier(nn.Module):
 
 def load_classifier(*, data_dir=None, device=None) -> AttributeClassifier:
     """The shipped attribute classifier (checkpoint ``"classifier"``), in eval mode."""
-    config = CheckpointManifest.load(data_dir).entry("classifier")["config"]
-    model = AttributeClassifier(config["num_classes"], width=config["width"])
-    model.load_state_dict(load_checkpoint("classifier", data_dir=data_dir))
-    return model.to(device or "cpu").eval()
+    return load_shipped_model(
+        "classifier", lambda config: AttributeClassifier(config["num_classes"], width=config["width"]),
+        data_dir=data_dir, device=device)
 
 
 @torch.no_grad()
@@ -3468,10 +3474,8 @@ def retrieval_recall(similarity: Tensor, *, ks=(1, 5), same: Tensor | None = Non
 def load_clip(*, data_dir=None, device=None) -> CLIP:
     """The shipped CLIP (checkpoint ``"clip"``, trained by ``python -m tools.train clip``),
     in eval mode."""
-    config = CheckpointManifest.load(data_dir).entry("clip")["config"]
-    model = CLIP(ClipConfig(**config))
-    model.load_state_dict(load_checkpoint("clip", data_dir=data_dir))
-    return model.to(device or "cpu").eval()
+    return load_shipped_model("clip", lambda config: CLIP(ClipConfig(**config)),
+                              data_dir=data_dir, device=device)
 
 
 # ── 09 · Guidance from outside the denoiser ──────────────────────────────────────────
@@ -3528,10 +3532,9 @@ class NoisyClassifier(nn.Module):
 
 def load_noisy_classifier(*, data_dir=None, device=None) -> NoisyClassifier:
     """The shipped noise-aware classifier (checkpoint ``"noisy_classifier"``), in eval mode."""
-    config = CheckpointManifest.load(data_dir).entry("noisy_classifier")["config"]
-    model = NoisyClassifier(config["num_classes"], width=config["width"])
-    model.load_state_dict(load_checkpoint("noisy_classifier", data_dir=data_dir))
-    return model.to(device or "cpu").eval()
+    return load_shipped_model(
+        "noisy_classifier", lambda config: NoisyClassifier(config["num_classes"], width=config["width"]),
+        data_dir=data_dir, device=device)
 
 
 def _check_attribute(attribute: str) -> int:

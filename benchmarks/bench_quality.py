@@ -46,9 +46,7 @@ def main() -> None:
     if "ddpm_shapes" in manifest.entries:
         entry = manifest.entry("ddpm_shapes")
         steps = args.steps or entry["quality"].get("num_steps", 250)
-        model = du.UNet(du.UNetConfig(**entry["config"])).to(device)
-        model.load_state_dict(du.load_checkpoint("ddpm_shapes"))
-        schedule = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
+        model, schedule = du.load_diffusion_model("ddpm_shapes", device=device)
         start = time.time()
         samples = du.sample_images(model, n, schedule, num_steps=steps, batch_size=64,
                                    generator=torch.Generator(device).manual_seed(args.seed),

@@ -118,10 +118,8 @@ def test_ddpm_model_still_makes_recognisable_shapes():
     entry = shipped("ddpm_shapes")
     if "classifier" not in MANIFEST.entries:
         pytest.skip("the classifier checkpoint is not shipped")
-    model = du.UNet(du.UNetConfig(**entry["config"]))
-    model.load_state_dict(du.load_checkpoint("ddpm_shapes"))
+    model, schedule = du.load_diffusion_model("ddpm_shapes")
     model, _ = du.fast_setup(model)
-    schedule = du.NoiseSchedule.create(entry["schedule"]["name"], entry["schedule"]["T"])
     start = time.time()
     samples = du.sample_images(model, 32, schedule, num_steps=CHECK_STEPS, progress=False,
                                generator=torch.Generator().manual_seed(1))

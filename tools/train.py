@@ -914,6 +914,24 @@ NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes", "cond": "cond_shapes
 MAX_IMAGES = 10**7  # du.make_shapes's limit
 
 
+def run_options(q: argparse.ArgumentParser, *, steps: int, batch_size: int, min_batch: int,
+                lr: float, num_images: int, min_images: int, log_every: int) -> None:
+    """The options of a run of ``clip`` and ``noisy``: AdamW with warm-up then a cosine decay,
+    the precision measured on this machine, float16 storage, fine-tuning a shipped model."""
+    q.add_argument("--steps", type=whole(1), default=steps)
+    q.add_argument("--batch-size", type=whole(min_batch), default=batch_size)
+    q.add_argument("--lr", type=number(above=0), default=lr, help="peak learning rate")
+    q.add_argument("--warmup", type=whole(0), default=100,
+                   help="steps of linear warm-up, then a cosine decay to 0 at --steps")
+    q.add_argument("--num-images", type=whole(min_images, MAX_IMAGES), default=num_images)
+    q.add_argument("--float32", action="store_true",
+                   help="train in float32 even where bfloat16 autocast measures faster")
+    q.add_argument("--half", action="store_true", help="store the weights as float16")
+    q.add_argument("--log-every", type=whole(1), default=log_every)
+    q.add_argument("--init-from", default=None,
+                   help="start from this shipped checkpoint (e.g. the one it trains) and fine-tune")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m tools.train", description=__doc__,
@@ -967,40 +985,20 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--recipe", default=None,
                        help="a note for the manifest: why this recipe (not used by training)")
     g = sub.add_parser("clip", help="lesson 06's CLIP (image and text encoders)")
-    g.add_argument("--steps", type=whole(1), default=3000)
-    g.add_argument("--batch-size", type=whole(2), default=256)
-    g.add_argument("--lr", type=number(above=0), default=5e-4, help="peak learning rate")
-    g.add_argument("--warmup", type=whole(0), default=100,
-                   help="steps of linear warm-up, then a cosine decay to 0 at --steps")
-    g.add_argument("--num-images", type=whole(2, MAX_IMAGES), default=40_000)
     g.add_argument("--patch-size", type=whole(1), default=4)
     g.add_argument("--width", type=whole(8, multiple_of=4), default=128,
                    help="width of both encoders and of the shared space (4 heads)")
     g.add_argument("--layers", type=whole(1), default=4, help="blocks in each encoder")
-    g.add_argument("--float32", action="store_true",
-                   help="train in float32 even where bfloat16 autocast measures faster")
-    g.add_argument("--half", action="store_true", help="store the weights as float16")
-    g.add_argument("--log-every", type=whole(1), default=50)
     g.add_argument("--eval-every", type=whole(1), default=1000)
-    g.add_argument("--init-from", default=None,
-                   help="start from this shipped checkpoint (e.g. clip) and fine-tune")
-    g.add_argument("--recipe", default=None,
-                   help="a note for the manifest: why this recipe (not used by training)")
     n = sub.add_parser("noisy", help="lesson 09's noise-aware classifier (classifier guidance)")
-    n.add_argument("--steps", type=whole(1), default=4000)
-    n.add_argument("--batch-size", type=whole(1), default=128)
-    n.add_argument("--lr", type=number(above=0), default=2e-3, help="peak learning rate")
-    n.add_argument("--warmup", type=whole(0), default=100,
-                   help="steps of linear warm-up, then a cosine decay to 0 at --steps")
-    n.add_argument("--num-images", type=whole(5, MAX_IMAGES), default=20_000)
     n.add_argument("--width", type=whole(8, multiple_of=8), default=32,
                    help="channels of the first layer (GroupNorm uses 8 groups)")
-    n.add_argument("--float32", action="store_true",
-                   help="train in float32 even where bfloat16 autocast measures faster")
-    n.add_argument("--half", action="store_true", help="store the weights as float16")
-    n.add_argument("--log-every", type=whole(1), default=100)
-    n.add_argument("--init-from", default=None,
-                   help="start from this shipped checkpoint (e.g. noisy_classifier)")
+    run_options(g, steps=3000, batch_size=256, min_batch=2, lr=5e-4, num_images=40_000,
+                min_images=2, log_every=50)
+    run_options(n, steps=4000, batch_size=128, min_batch=1, lr=2e-3, num_images=20_000,
+                min_images=5, log_every=100)
+    g.add_argument("--recipe", default=None,
+                   help="a note for the manifest: why this recipe (not used by training)")
     for p in (c, d, k, g, n):
         p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
         p.add_argument("--data-dir", default=None,
