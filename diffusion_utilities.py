@@ -2918,10 +2918,12 @@ def ddim_images(model, n: int, schedule: NoiseSchedule, *, num_steps: int = 50, 
                 spacing: str = "trailing", batch_size: int | None = None,
                 generator: torch.Generator | None = None, device=None,
                 autocast: bool | None = None, progress: bool = True, step_fn=None,
-                image_shape=None, **cond) -> Tensor:
+                image_shape=None, clip_x0: bool = True, **cond) -> Tensor:
     """``n`` images x_0 from :func:`ddim_sample`, clamped to [-1, 1], ``(n, C, H, W)``.
 
-    ``image_shape`` ``(C, H, W)``: by default from the model's :class:`UNetConfig`. Runs in
+    ``image_shape`` ``(C, H, W)``: by default from the model's :class:`UNetConfig`.
+    ``clip_x0=False`` for data that are not images in [-1, 1] (e.g. latents): neither x̂_0 nor
+    the result is clipped. Runs in
     batches of ``batch_size`` (all at once by default); tensors in ``cond`` are split along
     their first dimension to match.
     """
@@ -2934,9 +2936,10 @@ def ddim_images(model, n: int, schedule: NoiseSchedule, *, num_steps: int = 50, 
         part = {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in cond.items()}
         for x in ddim_sample(model, (stop - start, *shape), schedule, num_steps=num_steps,
                              eta=eta, spacing=spacing, generator=generator, device=device,
-                             autocast=autocast, progress=progress, step_fn=step_fn, **part):
+                             autocast=autocast, progress=progress, step_fn=step_fn,
+                             clip_x0=clip_x0, **part):
             pass
-        out.append(x.clamp(-1.0, 1.0))
+        out.append(x.clamp(-1.0, 1.0) if clip_x0 else x)
     return torch.cat(out)
 
 
@@ -3476,6 +3479,850 @@ def load_clip(*, data_dir=None, device=None) -> CLIP:
     in eval mode."""
     return load_shipped_model("clip", lambda config: CLIP(ClipConfig(**config)),
                               data_dir=data_dir, device=device)
+
+
+# ── 07 · Latent diffusion: a VAE and diffusion in its latent space ───────────────────
+#
+# Lessons 03-05 denoised pixels. Latent diffusion (Rombach et al. 2022) first trains an
+# autoencoder that squeezes an image into a small latent z and back, then runs the same
+# diffusion model on z: fewer numbers per image, so every step is cheaper. The autoencoder
+# is a VAE (Kingma & Welling 2014): the encoder gives a diagonal Gaussian q(z | x) =
+# N(μ, diag σ²), a latent is drawn from it by the reparameterisation z = μ + σ ε, and the
+# loss is the reconstruction error plus a small weight times KL(q(z | x) || N(0, I)), which
+# keeps the latent space smooth. The modules have the structure (and the parameter names)
+# of Stable Diffusion's autoencoder, at a small size.
+
+
+@dataclass
+class VAEConfig:
+    """Everything that decides a :class:`VAE`'s shape. Level i of the encoder works at
+    ``image_size / 2**i`` pixels with ``block_channels[i]`` channels; every level but the last
+    halves the resolution, so the latent is ``latent_channels x latent_size x latent_size``."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    block_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    groups: int = 8
+    image_size: int = 32
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+
+class VAEResBlock(nn.Module):
+    """The autoencoder's residual block: lesson 02's :class:`ResBlock` without the time.
+
+        h   = conv3x3(SiLU(GroupNorm(x)))
+        h   = conv3x3(SiLU(GroupNorm(h)))
+        out = shortcut(x) + h                                      # 1x1 conv if C changes
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, groups: int = 8):
+        super().__init__()
+        _check_groups(in_ch, groups, "VAEResBlock")
+        _check_groups(out_ch, groups, "VAEResBlock")
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over the pixels, with a residual (the autoencoder's
+    mid-block): ``x + to_out(softmax(q kᵀ / sqrt(C)) v)`` with q, k, v linear maps of
+    GroupNorm(x)."""
+
+    def __init__(self, channels: int, *, groups: int = 8):
+        super().__init__()
+        _check_groups(channels, groups, "VAEAttention")
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)   # (B, H*W, C)
+        q, k, v = (f(tokens)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # (B, 1, N, C)
+        out = self.to_out[0](_attend(q, k, v)[:, 0])               # (B, H*W, C)
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    """ResBlock -> attention -> ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, *, groups: int = 8):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResBlock(channels, channels, groups=groups)
+                                      for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups=groups)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class _Resample(nn.Module):
+    """A 3x3 conv after nearest-neighbour upsampling (``up``), or a stride-2 3x3 conv padded
+    on the right and bottom only (the autoencoder's downsampling)."""
+
+    def __init__(self, channels: int, *, up: bool):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2,
+                              padding=1 if up else 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class _VAELevel(nn.Module):
+    """ResBlocks at one resolution, then (optionally) a down- or upsampling."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, num_blocks: int, groups: int,
+                 resample: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResBlock(in_ch if i == 0 else out_ch, out_ch,
+                                                  groups=groups) for i in range(num_blocks)])
+        where = {"down": "downsamplers", "up": "upsamplers"}
+        self.resample_name = where.get(resample)
+        if resample:
+            setattr(self, where[resample], nn.ModuleList([_Resample(out_ch,
+                                                                    up=resample == "up")]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.resnets:
+            x = block(x)
+        if self.resample_name:
+            x = getattr(self, self.resample_name)[0](x)
+        return x
+
+
+class VAEEncoder(nn.Module):
+    """``(B, 3, H, W)`` image -> ``(B, 2 * latent_channels, h, w)``: the mean and the
+    log-variance of q(z | x), stacked along the channels (before the 1x1 quant conv)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, g = config.block_channels, config.groups
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            _VAELevel(ch[max(i - 1, 0)], ch[i], num_blocks=config.layers_per_block, groups=g,
+                      resample=None if i == len(ch) - 1 else "down") for i in range(len(ch))])
+        self.mid_block = VAEMidBlock(ch[-1], groups=g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down_blocks:
+            h = level(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class VAEDecoder(nn.Module):
+    """``(B, latent_channels, h, w)`` latent -> ``(B, 3, H, W)`` image: the encoder's levels
+    in reverse, each with one ResBlock more, upsampling after all but the last."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, g = tuple(reversed(config.block_channels)), config.groups
+        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(ch[0], groups=g)
+        self.up_blocks = nn.ModuleList([
+            _VAELevel(ch[max(i - 1, 0)], ch[i], num_blocks=config.layers_per_block + 1,
+                      groups=g, resample=None if i == len(ch) - 1 else "up")
+            for i in range(len(ch))])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], config.in_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            h = level(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+LOGVAR_RANGE = (-30.0, 20.0)   # the log-variance is clamped here, as Stable Diffusion does
+
+
+def reparameterize(mean: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """A draw from N(mean, exp(logvar)) written as a function of ``eps`` ~ N(0, I):
+    ``z = mean + exp(logvar / 2) * eps`` (Kingma & Welling 2014, section 2.4), so gradients
+    flow to ``mean`` and ``logvar``. All three have the same shape."""
+    _check_same_shape(logvar, mean, "logvar", "mean")
+    _check_same_shape(eps, mean, "eps", "mean")
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, diag exp(logvar)) || N(0, I)) of each item of the batch, ``(B,)``:
+    ``0.5 * sum(mean² + exp(logvar) - 1 - logvar)`` over every dimension but the first
+    (Kingma & Welling 2014, appendix B)."""
+    _check_same_shape(logvar, mean, "logvar", "mean")
+    per_dim = mean.pow(2) + logvar.exp() - 1.0 - logvar
+    return 0.5 * per_dim.flatten(1).sum(dim=1)
+
+
+@dataclass
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag exp(logvar)), the encoder's answer for a batch; ``logvar`` is
+    clamped to :data:`LOGVAR_RANGE`."""
+
+    mean: Tensor
+    logvar: Tensor
+
+    @classmethod
+    def from_moments(cls, moments: Tensor) -> DiagonalGaussian:
+        """From ``(B, 2C, h, w)``: the first C channels the mean, the last C the log-variance."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar.clamp(*LOGVAR_RANGE))
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                          dtype=self.mean.dtype)
+        return reparameterize(self.mean, self.logvar, eps)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:
+        return gaussian_kl(self.mean, self.logvar)
+
+
+class VAE(nn.Module):
+    """A convolutional variational autoencoder with the structure of Stable Diffusion's
+    (``AutoencoderKL``): encoder -> 1x1 ``quant_conv`` -> :class:`DiagonalGaussian` -> a latent
+    z -> 1x1 ``post_quant_conv`` -> decoder.
+
+    ``encode(x)`` -> DiagonalGaussian; ``decode(z)`` -> image; ``forward(x, generator=None,
+    sample=True)`` -> ``(reconstruction, posterior)``. Images ``(B, 3, 32, 32)`` in [-1, 1].
+    """
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        if config.image_size % config.downsample_factor:
+            raise ValueError(f"VAEConfig: image_size {config.image_size} must be divisible by "
+                             f"the downsampling factor {config.downsample_factor}")
+        self.encoder = VAEEncoder(config)
+        self.decoder = VAEDecoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def _check(self, x: Tensor, channels: int, multiple: int, what: str) -> None:
+        if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % multiple \
+                or x.shape[3] % multiple:
+            c = self.config
+            size = c.image_size if what == "images" else c.latent_size
+            raise ValueError(f"VAE expected {what} of shape (B, {channels}, H, W) with H and W "
+                             f"divisible by {multiple}, e.g. (B, {channels}, {size}, {size}); "
+                             f"got {tuple(x.shape)}")
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        self._check(x, self.config.in_channels, self.config.downsample_factor, "images")
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        self._check(z, self.config.latent_channels, 1, "latents")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: Tensor, *, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+
+def vae_loss(reconstruction: Tensor, x: Tensor, mean: Tensor, logvar: Tensor, *,
+             kl_weight: float) -> Tensor:
+    """The VAE's training loss, averaged over the batch: the squared reconstruction error
+    summed over each image's pixels, plus ``kl_weight`` times :func:`gaussian_kl` (a β-VAE,
+    Higgins et al. 2017, with a small β: the latent must stay informative)."""
+    _check_same_shape(reconstruction, x, "reconstruction", "x")
+    squared_error = (reconstruction - x).pow(2).flatten(1).sum(dim=1)     # (B,)
+    return (squared_error + kl_weight * gaussian_kl(mean, logvar)).mean()
+
+
+def psnr(images: Tensor, reference: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB of each image against its reference, ``(B,)``,
+    for pixels in [-1, 1] (peak-to-peak 2): ``10 log10(2² / MSE)``."""
+    _check_same_shape(images, reference, "images", "reference")
+    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(dim=1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).float()
+
+
+def latent_scale(latents: Tensor) -> float:
+    """The factor that gives the latents unit variance, ``1 / std(latents)`` over all their
+    numbers (Rombach et al. 2022, section G): diffusion's schedules assume data of unit scale."""
+    if latents.numel() < 2:
+        raise ValueError("latent_scale needs a batch of latents, got a tensor of "
+                         f"{latents.numel()} number(s)")
+    return float(1.0 / latents.double().std())
+
+
+def load_vae(*, data_dir=None, device=None) -> VAE:
+    """The shipped VAE (checkpoint ``"vae"``, trained by ``python -m tools.train vae``), in
+    eval mode; its manifest record also holds the latent scale factor (:func:`vae_scale`)."""
+    def build(config):
+        config = dict(config)
+        config["block_channels"] = tuple(config["block_channels"])
+        return VAE(VAEConfig(**config))
+    return load_shipped_model("vae", build, data_dir=data_dir, device=device)
+
+
+def vae_scale(*, data_dir=None) -> float:
+    """The latent scale factor of the shipped VAE, computed from data when it was trained."""
+    return float(CheckpointManifest.load(data_dir).entry("vae")["latent_scale"])
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: Tensor, scale: float, *, sample: bool = False,
+                   batch_size: int = 256, generator: torch.Generator | None = None) -> Tensor:
+    """Images in [-1, 1] -> scaled latents ``scale * z`` for diffusion (the posterior's mean,
+    or a draw from it with ``sample``), in batches, on the VAE's device."""
+    device = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        posterior = vae.encode(images[i:i + batch_size].to(device))
+        out.append(scale * (posterior.sample(generator) if sample else posterior.mode()))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae: VAE, latents: Tensor, scale: float, *, batch_size: int = 256) -> Tensor:
+    """Scaled latents -> images clamped to [-1, 1]: ``decode(latents / scale)``."""
+    device = next(vae.parameters()).device
+    out = [vae.decode(latents[i:i + batch_size].to(device) / scale).clamp(-1.0, 1.0)
+           for i in range(0, len(latents), batch_size)]
+    return torch.cat(out)
+
+
+class LatentDiffusion:
+    """A diffusion model on a VAE's latents, called like a pixel model where it matters:
+    ``unet`` predicts ε for scaled latents ``scale * z``; :meth:`images` samples latents with
+    DDIM and decodes them."""
+
+    def __init__(self, unet: nn.Module, vae: VAE, scale: float, schedule: NoiseSchedule):
+        self.unet, self.vae, self.scale, self.schedule = unet, vae, scale, schedule
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.vae.config.latent_shape
+
+    def images(self, n: int, *, num_steps: int = 50, generator=None, progress: bool = True,
+               batch_size: int | None = None, autocast: bool | None = None, **cond) -> Tensor:
+        """``n`` images: latents by :func:`ddim_images` (x̂_0 not clipped), then decoded."""
+        latents = ddim_images(self.unet, n, self.schedule, num_steps=num_steps,
+                              generator=generator, progress=progress, batch_size=batch_size,
+                              image_shape=self.latent_shape, clip_x0=False, autocast=autocast,
+                              **cond)
+        return decode_latents(self.vae, latents, self.scale)
+
+
+# ── 08 · Classifier-free guidance and a miniature Stable Diffusion ────────────────────
+#
+# Lesson 04 trained a conditional model with the condition sometimes dropped; lesson 09
+# steers a model with the gradient of a separate classifier. Classifier-free guidance (Ho &
+# Salimans 2022) needs no classifier: the one network trained with and without the caption
+# gives both ε_θ(x_t, t, c) and ε_θ(x_t, t, ∅), and
+#     ε̂ = ε_θ(x_t, t, ∅) + s (ε_θ(x_t, t, c) - ε_θ(x_t, t, ∅))
+# follows ∇log p(x_t) + s ∇log p(c | x_t), the implicit classifier's gradient. With lesson 06's
+# text encoder and lesson 07's latent space, this is Stable Diffusion in miniature:
+#     prompt -> CLIP text encoder -> cross-attention latent UNet + DDIM + guidance -> VAE decoder
+
+
+def training_caption(attrs: ShapeAttributes, rng: np.random.Generator) -> str:
+    """A caption to train the text-to-image model on: half the time one of the data set's
+    full wordings (:func:`caption_for`), otherwise a short one that names the colour and the
+    shape and each other attribute with probability 1/2, e.g. ``"a red star"`` or
+    ``"a large red star on a dark background"``: prompts may say as much or as little."""
+    if rng.random() < 0.5:
+        return caption_for(attrs, rng)
+    size, position, background = rng.random(3) < 0.5
+    words = [attrs.size] * bool(size) + [attrs.colour, attrs.shape]
+    text = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+    if position:
+        text += f" in the {attrs.position}"
+    if background:
+        text += f" on a {attrs.background} background"
+    return text
+
+
+def drop_captions(captions, p: float, *, generator: torch.Generator | None = None) -> list[str]:
+    """Condition dropout for captions: each caption replaced by the empty caption ``""`` (the
+    null prompt, ∅) with probability ``p``, independently; the input list is left unchanged.
+    The one network then learns ε_θ(x_t, t, c) and ε_θ(x_t, t, ∅) (Ho & Salimans 2022, alg. 1)."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p}")
+    drop = torch.rand(len(captions), generator=generator) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def cfg_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
+    """The guided noise estimate of classifier-free guidance (Ho & Salimans 2022, eq. 6, in
+    the form Stable Diffusion uses): ``eps_uncond + scale * (eps_cond - eps_uncond)``.
+    ``scale`` 0: unconditional; 1: conditional; above 1: guided beyond it."""
+    _check_same_shape(eps_cond, eps_uncond, "eps_cond", "eps_uncond")
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def img2img_start(x0: Tensor, strength: float, timesteps: Tensor, schedule: NoiseSchedule,
+                  eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Where image-to-image (SDEdit, Meng et al. 2022) starts: of the sampler's ``timesteps``
+    ``(S,)`` (descending), keep the last ``int(S * strength)``, noise the clean ``x0`` to the
+    first of those with ``eps`` and return ``(x_t, kept timesteps)``. Strength 1 starts from
+    (almost) pure noise; strength 0 returns ``x0`` and no steps."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    _check_same_shape(eps, x0, "eps", "x0")
+    kept = timesteps[len(timesteps) - min(int(len(timesteps) * strength), len(timesteps)):]
+    if len(kept) == 0:
+        return x0.clone(), kept
+    t = torch.full((x0.shape[0],), int(kept[0]), device=x0.device, dtype=torch.long)
+    return q_sample(x0, t, eps, schedule), kept
+
+
+def inpaint_blend(x: Tensor, known: Tensor, keep: Tensor, t: Tensor, schedule: NoiseSchedule,
+                  eps: Tensor) -> Tensor:
+    """Inpainting by blending (RePaint's simple form, Lugmayr et al. 2022): after a sampling
+    step has reached timestep ``t`` ``(B,)`` (-1: the clean end), put back the known region,
+    noised to the same step: ``keep * q_sample(known, t, eps) + (1 - keep) * x``, with
+    ``known`` itself where t = -1. ``keep`` is 1 on the region to keep, 0 on the one to
+    repaint, and broadcasts against ``x`` (e.g. ``(1, 1, H, W)``)."""
+    _check_same_shape(known, x, "known", "x")
+    _check_same_shape(eps, x, "eps", "x")
+    done = (t < 0).view(-1, *([1] * (x.dim() - 1)))
+    known_t = torch.where(done, known, q_sample(known, t.clamp_min(0), eps, schedule))
+    return keep * known_t + (1 - keep) * x
+
+
+def sd_unet_config(vae_config: VAEConfig, context_dim: int | None) -> UNetConfig:
+    """The latent UNet of lessons 07 and 08: 64 and 128 channels at the latent's 8x8 and 4x4,
+    self-attention (and cross-attention to the caption when ``context_dim``) at both."""
+    size = vae_config.latent_size
+    return UNetConfig(in_channels=vae_config.latent_channels,
+                      out_channels=vae_config.latent_channels, base_channels=64,
+                      channel_mults=(1, 2), num_res_blocks=2, attention_resolutions=(size, size // 2),
+                      context_dim=context_dim, image_size=size)
+
+
+class MiniStableDiffusion:
+    """prompt -> CLIP text encoder (lesson 06) -> cross-attention latent UNet with DDIM and
+    classifier-free guidance -> VAE decoder (lesson 07): text-to-image, image-to-image and
+    inpainting. ``MiniStableDiffusion.load()`` builds it from the shipped checkpoints.
+
+    ``cfg_fn``, ``img2img_fn`` and ``blend_fn`` are the pieces lesson 08 has the learner write
+    (:func:`cfg_eps`, :func:`img2img_start`, :func:`inpaint_blend` by default).
+    """
+
+    def __init__(self, text_encoder: TextEncoder, unet: UNet, vae: VAE, scale: float,
+                 schedule: NoiseSchedule, *, cfg_fn=None, img2img_fn=None, blend_fn=None):
+        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
+        self.scale, self.schedule = scale, schedule
+        self.cfg_fn = cfg_fn or cfg_eps
+        self.img2img_fn = img2img_fn or img2img_start
+        self.blend_fn = blend_fn or inpaint_blend
+
+    @classmethod
+    def load(cls, *, data_dir=None, device=None, **pieces) -> MiniStableDiffusion:
+        unet, schedule = load_diffusion_model("sd_unet", data_dir=data_dir, device=device)
+        text = TextEncoder(load_clip(data_dir=data_dir, device=device))
+        return cls(text, unet, load_vae(data_dir=data_dir, device=device),
+                   vae_scale(data_dir=data_dir), schedule, **pieces)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.vae.config.latent_shape
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts) -> TextEncoding:
+        return self.text_encoder(prompts)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``(B, 3, 32, 32)`` in [-1, 1] -> scaled latents (the posterior's mean)."""
+        return encode_latents(self.vae, images.to(self.device), self.scale)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.vae, latents, self.scale)
+
+    @torch.no_grad()
+    def guided_eps(self, z: Tensor, t: Tensor, cond: TextEncoding, uncond: TextEncoding,
+                   guidance_scale: float) -> Tensor:
+        """ε̂ for latents ``z``: the UNet run once on the batch doubled, [∅ or negative; c]."""
+        if guidance_scale == 1.0:
+            return self.unet(z, t, context=cond.tokens, context_mask=cond.mask)
+        eps = self.unet(torch.cat([z, z]), torch.cat([t, t]),
+                        context=torch.cat([uncond.tokens, cond.tokens]),
+                        context_mask=torch.cat([uncond.mask, cond.mask]))
+        eps_uncond, eps_cond = eps.chunk(2)
+        return self.cfg_fn(eps_uncond, eps_cond, guidance_scale)
+
+    @torch.no_grad()
+    def sample(self, prompts, *, negative_prompt: str = "", num_steps: int = 25,
+               guidance_scale: float = 4.0, generator: torch.Generator | None = None,
+               init_latents: Tensor | None = None, strength: float = 1.0,
+               keep: Tensor | None = None, progress: bool = True) -> Tensor:
+        """Scaled latents for ``prompts`` (one per image) by DDIM (η = 0) with guidance.
+
+        ``init_latents`` (scaled, one per prompt) with ``strength`` < 1: image-to-image;
+        with ``keep`` (1 = keep, broadcastable to the latents): inpainting, which blends
+        the known region back after every step.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n, device = len(prompts), self.device
+        if keep is not None and init_latents is None:
+            raise ValueError("keep (inpainting) needs init_latents: the scaled latents of the "
+                             "image whose kept region is put back")
+        if init_latents is not None and tuple(init_latents.shape) != (n, *self.latent_shape):
+            raise ValueError(f"init_latents must have the shape {(n, *self.latent_shape)} "
+                             f"(one scaled latent per prompt), got {tuple(init_latents.shape)}")
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([negative_prompt] * n)
+        timesteps = ddim_timesteps(self.schedule.T, num_steps)
+        schedule = self.schedule.to(device)
+        noise = torch.randn((n, *self.latent_shape), generator=generator).to(device)
+        if init_latents is None:
+            z, visit = noise, timesteps
+        else:
+            init_latents = init_latents.to(device)
+            z, visit = self.img2img_fn(init_latents, strength if keep is None else 1.0,
+                                       timesteps, schedule, noise)
+        for i in tqdm(range(len(visit)), desc="sampling", disable=not progress):
+            t = torch.full((n,), int(visit[i]), device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, int(visit[i + 1]) if i + 1 < len(visit) else -1)
+            eps = self.guided_eps(z, t, cond, uncond, guidance_scale)
+            z = ddim_step(eps, z, t, t_prev, schedule, eta=0.0, noise=torch.zeros_like(z))
+            if keep is not None:
+                fresh = torch.randn(z.shape, generator=generator).to(device)
+                z = self.blend_fn(z, init_latents, keep.to(device), t_prev, schedule, fresh)
+        return z
+
+    def __call__(self, prompts, **kwargs) -> Tensor:
+        """Images ``(B, 3, 32, 32)`` in [-1, 1] for ``prompts``; keywords as :meth:`sample`."""
+        return self.decode(self.sample(prompts, **kwargs))
+
+
+@torch.no_grad()
+def cross_attention_maps(pipe: MiniStableDiffusion, prompt: str, *, num_steps: int = 25,
+                         guidance_scale: float = 4.0, generator: torch.Generator | None = None,
+                         ) -> tuple[Tensor, Tensor, list[str]]:
+    """Where each word of ``prompt`` is looked at: one image is sampled while every
+    cross-attention layer's attention probabilities for the prompt (not the null prompt) are
+    recorded, averaged over heads, then brought to the latent's size and averaged over layers
+    and steps (Hertz et al. 2022, "Prompt-to-Prompt", sec. 3.1).
+
+    Returns ``(image (3, 32, 32), maps (n_tokens, h, w), tokens)``, with ``tokens`` the words
+    of the prompt between ``<start>`` and ``<end>`` (both included); each map sums to 1 over
+    the tokens at every position.
+    """
+    records = []
+    size = pipe.latent_shape[1:]
+
+    def record(module, args, output):
+        x, context, mask = args[0], args[1], args[2] if len(args) > 2 else None
+        n = 1                                        # the prompt's item: the batch's last
+        tokens = module.norm(x[-n:]).flatten(2).transpose(1, 2)           # (1, H*W, C)
+        q = _split_heads(module.q(tokens), module.heads)                   # (1, heads, H*W, d)
+        k = _split_heads(module.kv(context[-n:]).chunk(2, dim=-1)[0], module.heads)
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask[-n:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).mean(1)                                 # (1, H*W, L)
+        grid = probs.transpose(1, 2).reshape(n, -1, *x.shape[2:])          # (1, L, H, W)
+        records.append(F.interpolate(grid, size=size, mode="bilinear", align_corners=False))
+
+    handles = [m.register_forward_hook(record) for m in pipe.unet.modules()
+               if isinstance(m, CrossAttention)]
+    try:
+        image = pipe([prompt], num_steps=num_steps, guidance_scale=guidance_scale,
+                     generator=generator, progress=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    ids, mask = pipe.text_encoder.tokenizer.encode([prompt])
+    length = int(mask.sum())
+    maps = torch.stack(records).mean(0)[0, :length]                         # (n_tokens, h, w)
+    words = [pipe.text_encoder.tokenizer.vocabulary[i] for i in ids[0, :length].tolist()]
+    return image, maps.cpu(), words
+
+
+# Generating images: :func:`generate` (and ``python -m tools.generate``) wraps the pipeline
+# above with checked arguments, a seed, image files in and a PNG grid out.
+
+GENERATE_MAX_IMAGES = 64
+
+
+def save_image_grid(images: Tensor, path, *, nrow: int = 8, upscale: int = 4) -> Path:
+    """Write ``images`` ``(B, 3, H, W)`` in [-1, 1] to the PNG file ``path`` as one grid,
+    ``nrow`` images a row with 2 white pixels between them, every pixel drawn as an
+    ``upscale x upscale`` block (nearest neighbour: 32 x 32 images stay sharp and visible).
+    Creates the folder if needed; returns the path."""
+    from PIL import Image
+
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+            or len(images) == 0:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"save_image_grid expected images of shape (B, 3, H, W), B >= 1, "
+                         f"got {got}")
+    nrow, upscale = _check_int(nrow, "nrow", 1, 1024), _check_int(upscale, "upscale", 1, 64)
+    path = _png_path(path, "path")
+    pixels = to_unit_range(torch.nan_to_num(images.detach().float().cpu()))
+    pixels = (pixels * 255).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)  # (B, 3, uH, uW)
+    B, _, h, w = pixels.shape
+    pad, rows, cols = 2, -(-B // nrow), min(B, nrow)
+    grid = torch.full((3, pad + rows * (h + pad), pad + cols * (w + pad)), 255, dtype=torch.uint8)
+    for i, image in enumerate(pixels):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())    # (3, H, W) -> (H, W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda temporary: picture.save(temporary, format="PNG"))
+    return path
+
+
+def _png_path(path, name: str) -> Path:
+    """``path`` as a Path, checked to name a PNG file (not a folder)."""
+    if not isinstance(path, (str, Path)):
+        raise ValueError(f"{name} must be a file path ending in .png, got "
+                         f"{type(path).__name__}")
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{name} must be a file path ending in .png (the grid is written as "
+                         f"a PNG), got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; give a file name such as "
+                         f"{str(path / 'grid.png')!r}")
+    return path
+
+
+def _check_generate_numbers(*, n, seed, guidance_scale, strength, nrow) -> None:
+    """The checks of :func:`generate` that need no model: ValueError naming what is expected."""
+    _check_int(n, "n", 1, GENERATE_MAX_IMAGES)
+    if nrow is not None:
+        _check_int(nrow, "nrow", 1, GENERATE_MAX_IMAGES)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative int (below 2**63), e.g. 0; got {seed!r}")
+    number = (int, float, np.integer, np.floating)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, number) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError("guidance_scale must be a finite number >= 0 (0: unconditional, 1: "
+                         f"the prompt without guidance, above 1: guided; 4 is typical), got "
+                         f"{guidance_scale!r}")
+    if isinstance(strength, bool) or not isinstance(strength, number) \
+            or not 0 < strength <= 1:
+        raise ValueError("strength must be a number in (0, 1]: the share of the sampling "
+                         "steps redone from the noised init image (near 0 keeps the image, 1 "
+                         f"starts from pure noise); got {strength!r}")
+
+
+def _check_prompt(text, tokenizer, name: str, *, allow_empty: bool = False) -> None:
+    """A prompt must be a str of words ``tokenizer`` knows; ValueError naming them otherwise."""
+    known = ", ".join(tokenizer.vocabulary[3:])   # after <pad>, <start>, <end>
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a str such as 'a red star', got {type(text).__name__}")
+    if not allow_empty and not text.strip():
+        raise ValueError(f"the {name} is empty: the empty prompt is the null prompt ∅, which "
+                         "classifier-free guidance compares every prompt with, so it asks for "
+                         f"nothing. Write some words, e.g. 'a red star'; the model knows: {known}")
+    try:
+        tokenizer.encode([text])
+    except ValueError as err:
+        unknown = any(w not in tokenizer.vocabulary for w in _words(text))
+        hint = f"; the words it knows: {known}" if unknown else ""
+        raise ValueError(f"{name}: {err}{hint}") from None
+
+
+def _open_picture(source, name: str) -> tuple[Path | Tensor, tuple[int, int]]:
+    """An image file's path (checked: it exists and PIL reads it) or a tensor (checked by
+    :func:`_picture_tensor`), with its size ``(H, W)``."""
+    if isinstance(source, Tensor):
+        source = _picture_tensor(source, name)
+        return source, tuple(source.shape[-2:])
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"{name} must be an image file's path or a tensor, got "
+                         f"{type(source).__name__}")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no image file at {str(path)!r}"
+                                + (" (it is a folder)" if path.is_dir() else ""))
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return path, (im.height, im.width)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot read {str(path)!r} as an image ({err})") from None
+
+
+def _picture_tensor(x: Tensor, name: str) -> Tensor:
+    """An init image ``(3, H, W)`` in [-1, 1], or a mask ``(H, W)`` / ``(1, H, W)`` in [0, 1]
+    (1 = repaint), checked -> float32 ``(C, H, W)`` on the CPU."""
+    if name == "init_image":
+        fits = x.dim() == 3 and x.shape[0] == 3 and x.is_floating_point()
+        expected, low = "(3, H, W), floating point, values in [-1, 1]", -1.0
+    else:
+        fits = x.dim() == 2 or (x.dim() == 3 and x.shape[0] == 1)
+        expected, low = "(H, W) or (1, H, W), values in [0, 1] (1 = repaint)", 0.0
+    if not fits or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"{name} must be a tensor of shape {expected}; got shape "
+                         f"{tuple(x.shape)}, dtype {x.dtype}")
+    x = x.detach().float().cpu().reshape(-1, *x.shape[-2:])
+    if not bool(torch.isfinite(x).all()) or x.min() < low - 1e-3 or x.max() > 1 + 1e-3:
+        hint = " (du.from_uint8 maps uint8 pixels there)" if low < 0 else ""
+        raise ValueError(f"{name} values must lie in [{low:g}, 1]{hint}; got values from "
+                         f"{x.min().item():.4g} to {x.max().item():.4g}")
+    return x.clamp(low, 1.0)
+
+
+def _in_frame(picture: Path | Tensor, size: int) -> Tensor:
+    """A checked picture centre-cropped to a square and resized to ``size x size``: a file
+    through :func:`load_photo` -> ``(3, size, size)`` in [-1, 1]; a tensor ``(C, H, W)`` alike."""
+    if isinstance(picture, Path):
+        return load_photo(size, path=picture)
+    _, H, W = picture.shape
+    side = min(H, W)
+    top, left = (H - side) // 2, (W - side) // 2
+    square = picture[:, top:top + side, left:left + side]
+    if side == size:
+        return square
+    return F.interpolate(square[None], size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def _keep_cells(repaint: Tensor, latent_size: int) -> Tensor:
+    """The mask ``(1, S, S)`` (1 = repaint) -> ``keep`` ``(1, 1, h, w)`` on the latent grid:
+    1 on the cells to keep. A cell is repainted when at least half of its pixels are."""
+    share = F.adaptive_avg_pool2d(repaint[None], latent_size)   # (1, 1, h, w), area averages
+    keep = (share < 0.5).float()
+    if bool(keep.all()):
+        cell = repaint.shape[-1] // latent_size
+        raise ValueError("the mask marks nothing to repaint: white (1) marks the region to "
+                         "repaint, black (0) the region to keep, and each latent cell of "
+                         f"{cell} x {cell} pixels is repainted only when at least half of it "
+                         "is white")
+    return keep
+
+
+def _start_latents(pipeline: MiniStableDiffusion, image, mask, n: int):
+    """``(init_latents (n, C, h, w), keep (1, 1, h, w))`` for :meth:`MiniStableDiffusion.sample`
+    from the opened init image and mask; ``None`` for what is not given."""
+    if image is None:
+        return None, None
+    size = pipeline.vae.config.image_size
+    (image, image_hw), (mask, mask_hw) = image, mask or (None, None)
+    if mask is not None and mask_hw not in (image_hw, (size, size)):
+        raise ValueError(f"the mask is {mask_hw[1]}x{mask_hw[0]} pixels but the init image is "
+                         f"{image_hw[1]}x{image_hw[0]}: give a mask of the image's size (or "
+                         f"{size}x{size}, the size the model works at)")
+    latents = pipeline.encode_images(_in_frame(image, size)[None]).repeat(n, 1, 1, 1)
+    if mask is None:
+        return latents, None
+    frame = _in_frame(mask, size)                          # a file reads as RGB in [-1, 1]
+    repaint = to_unit_range(frame).mean(0, keepdim=True) if isinstance(mask, Path) else frame
+    return latents, _keep_cells(repaint, pipeline.vae.config.latent_size)
+
+
+def _load_generate_pipeline(data_dir, device) -> MiniStableDiffusion:
+    """The shipped pipeline; FileNotFoundError naming the commands that build what is missing."""
+    manifest = CheckpointManifest.load(data_dir)
+    commands = {"vae": "vae", "clip": "clip", "sd_unet": "sd"}
+    missing = [name for name in commands if name not in manifest.entries]
+    if missing:
+        raise FileNotFoundError(
+            f"generating needs the checkpoints vae, clip and sd_unet; {manifest.path} has no "
+            f"{', '.join(missing)}: build them with "
+            + " then ".join(f"`python -m tools.train {commands[m]}`" for m in missing))
+    return MiniStableDiffusion.load(data_dir=data_dir, device=device or get_device())
+
+
+def generate(prompt: str, *, n: int = 8, seed: int = 0, steps: int = 25,
+             guidance_scale: float = 4.0, negative_prompt: str = "", init_image=None,
+             strength: float = 0.6, mask=None, out=None, nrow: int | None = None,
+             pipeline: MiniStableDiffusion | None = None, data_dir=None, device=None,
+             progress: bool = True) -> Tensor:
+    """``n`` images ``(n, 3, 32, 32)`` in [-1, 1], on the CPU, for ``prompt`` from the miniature
+    Stable Diffusion: ``pipeline``, by default the shipped one (``MiniStableDiffusion.load``
+    from ``data_dir`` onto ``device``, default :func:`get_device`). ``python -m
+    tools.generate`` is its command line.
+
+    - Text-to-image: DDIM in ``steps`` steps (1 to T), classifier-free guidance of scale
+      ``guidance_scale`` (0: unconditional, 1: the prompt without guidance, above 1: guided)
+      away from ``negative_prompt`` (default "", the null prompt ∅).
+    - Image-to-image (SDEdit) with ``init_image``: its latent noised ``strength`` of the way
+      (in (0, 1]; fewer than one step, strength · steps < 1, gives back the image as the VAE
+      reconstructs it; 1 starts from pure noise), then denoised towards the prompt.
+    - Inpainting with ``init_image`` and ``mask``: **white (1) = repaint, black (0) = keep**.
+      The mask is averaged over each latent cell (4 x 4 pixels) and a cell is repainted when
+      at least half of it is white (a hard mask on the latent grid); after every step the
+      kept cells are put back, noised to that step. Sampling starts from noise (``strength``
+      is not used).
+
+    ``init_image``: an image file (converted to RGB, centre-cropped square and resized to
+    32 x 32 by :func:`load_photo`) or a tensor ``(3, H, W)`` in [-1, 1] (cropped and resized
+    alike). ``mask``: an image file (grey levels) or a tensor ``(H, W)`` or ``(1, H, W)`` in
+    [0, 1], the init image's size or 32 x 32. ``seed`` (an int >= 0) fixes every random draw:
+    the same seed gives the same images. ``out``: a ``.png`` path to write the images to as a
+    grid of ``nrow`` a row (default ``min(n, 8)``, :func:`save_image_grid`). ``progress``: a
+    progress bar over the steps. Every argument is checked before any sampling: ValueError or
+    FileNotFoundError saying what was expected.
+    """
+    _check_generate_numbers(n=n, seed=seed, guidance_scale=guidance_scale,
+                            strength=strength, nrow=nrow)
+    words = pipeline.text_encoder.tokenizer if pipeline is not None else CaptionTokenizer()
+    _check_prompt(prompt, words, "prompt")         # at once, before any loading
+    out = None if out is None else _png_path(out, "out")
+    if mask is not None and init_image is None:
+        raise ValueError("a mask needs an init_image: inpainting repaints part of a given image "
+                         "(mask white = repaint, black = keep); pass init_image too")
+    image = None if init_image is None else _open_picture(init_image, "init_image")
+    mask = None if mask is None else _open_picture(mask, "mask")
+    pipeline = pipeline or _load_generate_pipeline(data_dir, device)
+    steps = _check_int(steps, "steps", 1, pipeline.schedule.T)
+    _check_prompt(prompt, pipeline.text_encoder.tokenizer, "prompt")
+    _check_prompt(negative_prompt, pipeline.text_encoder.tokenizer, "negative_prompt",
+                  allow_empty=True)
+    init_latents, keep = _start_latents(pipeline, image, mask, n)
+    generator = torch.Generator().manual_seed(int(seed))   # on the CPU: same draws anywhere
+    images = pipeline([prompt] * n, negative_prompt=negative_prompt, num_steps=steps,
+                      guidance_scale=float(guidance_scale), generator=generator,
+                      init_latents=init_latents, strength=float(strength), keep=keep,
+                      progress=progress)
+    if out is not None:
+        save_image_grid(images, out, nrow=nrow or min(n, 8))
+    return images.cpu()
 
 
 # ── 09 · Guidance from outside the denoiser ──────────────────────────────────────────

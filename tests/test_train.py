@@ -2,6 +2,8 @@
 into a temporary folder, and a fine-tune chained onto it (command, steps, wall time, device);
 arguments refused before any work; runs interrupted by Ctrl-C and resumed to the same result;
 checkpoint writes that an interruption cannot leave half done."""
+import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -148,12 +150,32 @@ def test_device_description_counts_threads(monkeypatch):
     (["noisy", "--width", "12"], "argument --width: expected a multiple of 8 >= 8, got 12"),
     (["noisy", "--lr", "0"], "argument --lr: expected a number > 0, got 0"),
     (["noisy", "--num-images", "4"], "argument --num-images: expected a whole number from 5 to"),
+    (["vae", "--channels", "8", "8", "8", "8", "8", "8", "8"],
+     "argument --channels: expected at most 6 levels (each but the last halves the 32-pixel "
+     "image), got 7"),
+    (["vae", "--channels", "12", "16"], "argument --channels: expected a multiple of 8 >= 8, "
+                                        "got 12"),
+    (["vae", "--steps", "50"], "argument --warmup: expected a whole number from 0 to "
+                               "--steps - 1 = 49, got 100"),
+    (["vae", "--kl-weight", "-1"], "argument --kl-weight: expected a number >= 0, got -1"),
+    (["vae", "--latent-channels", "0"],
+     "argument --latent-channels: expected a whole number >= 1, got 0"),
+    (["latent", "--T", "10"], "argument --eval-steps: expected at most --T = 10 sampling "
+                              "steps, got 25"),
+    (["latent", "--steps", "100"], "argument --warmup: expected a whole number from 0 to "
+                                   "--steps - 1 = 99, got 100"),
+    (["sd", "--T", "20", "--eval-steps", "30"],
+     "argument --eval-steps: expected at most --T = 20 sampling steps, got 30"),
+    (["sd", "--cond-drop", "1"], "argument --cond-drop: expected a number >= 0 and < 1, got 1"),
+    (["sd", "--eval-guidance", "-1"], "argument --eval-guidance: expected a number >= 0, got -1"),
 ])
 def test_bad_arguments_are_refused_with_the_expected_range(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(train, "train_ddpm", lambda *a: pytest.fail("training started"))
     monkeypatch.setattr(train, "train_classifier", lambda *a: pytest.fail("training started"))
     monkeypatch.setattr(train, "train_clip", lambda *a: pytest.fail("training started"))
     monkeypatch.setattr(train, "train_noisy", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(train, "train_vae", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(train, "train_latent", lambda *a: pytest.fail("training started"))
     with pytest.raises(SystemExit) as stop:
         train.main(argv)
     assert stop.value.code == 2
@@ -463,3 +485,215 @@ def test_an_interrupted_clip_or_noisy_run_resumes_to_the_same_result(
     before, after = record(tmp_path / "whole", name), record(tmp_path / "parts", name)
     assert after["steps"] == before["steps"] and after["command"] == before["command"].replace(
         str(tmp_path / "whole"), str(tmp_path / "parts"))
+
+
+# ── lesson 07's VAE and latent UNet, lesson 08's text-to-image UNet ─────────────────
+
+# four levels of 8 channels: 32 x 32 images -> 4 x 4 latents, so the latent UNet is tiny too;
+# --float32: the same mode in every run (measuring could pick another between two runs)
+TINY_VAE = ["--warmup", "1", "--num-images", "16", "--batch-size", "4",
+            "--channels", "8", "8", "8", "8", "--float32"]
+TINY_LATENT = ["--warmup", "1", "--num-images", "16", "--batch-size", "4", "--T", "50",
+               "--eval-samples", "4", "--eval-steps", "2", "--float32"]
+
+
+def as_config(cls, recorded: dict):
+    """The config dataclass of a manifest record (JSON gives lists for tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+
+
+def copy_checkpoint(name: str, source, folder) -> None:
+    """Copy the checkpoint ``name`` and its manifest record from ``source`` into ``folder``."""
+    entry = du.CheckpointManifest.load(source).entry(name)
+    source_file = du.CheckpointManifest.load(source).path.parent / entry["file"]
+    (folder / entry["file"]).write_bytes(source_file.read_bytes())
+    du.CheckpointManifest.load(folder).update(name, **entry)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory, one_thread):
+    """What `latent` and `sd` read from --vae-dir: a tiny `vae` run's checkpoint (4 steps)
+    and a copy of the shipped CLIP."""
+    if checkpoint_problem := train.checkpoint_problem("clip", None):
+        pytest.skip(f"the sd runs need the shipped CLIP: {checkpoint_problem}")
+    folder = tmp_path_factory.mktemp("vae_dir")
+    train.main(["vae", "--steps", "4", *TINY_VAE, "--data-dir", str(folder)])
+    copy_checkpoint("clip", None, folder)
+    return folder
+
+
+def test_vae_run_writes_what_load_vae_reads_and_its_latent_scale(vae_dir):
+    entry = record(vae_dir, "vae")
+    assert entry["steps"] == 4 and entry["dtype"] == "float32"
+    assert entry["command"] == "python -m tools.train vae --steps 4 " + " ".join(
+        [*TINY_VAE, "--data-dir", str(vae_dir)])
+    config = as_config(du.VAEConfig, entry["config"])
+    assert config == du.VAEConfig(block_channels=(8, 8, 8, 8))
+    assert entry["parameters"] == du.count_parameters(du.VAE(config))
+    assert entry["training"]["kl_weight"] == 1e-3 and entry["training"]["num_images"] == 16
+    assert entry["device"].endswith(", float32")
+    assert set(entry["quality"]) == {"measures", "psnr_seen_pairs", "psnr_seen_pairs_worst_5pct",
+                                     "psnr_held_out_pairs", "psnr_held_out_pairs_worst_5pct"}
+    assert all(0 < v < 60 for k, v in entry["quality"].items() if k != "measures")
+    assert not (vae_dir / "vae.resume.pt").exists()
+
+    vae = du.load_vae(data_dir=vae_dir)
+    assert not vae.training and vae.config == config
+    # the scale is 1 / std of posterior draws of the training images (seeded per batch of 500)
+    images, _ = train.shapes_tensors(16, seed=0, split="train")
+    with torch.no_grad():
+        z = vae.encode(images).sample(torch.Generator().manual_seed(0))
+    assert du.vae_scale(data_dir=vae_dir) == entry["latent_scale"]
+    assert entry["latent_scale"] == pytest.approx(du.latent_scale(z), rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_latent_run_records_its_schedule_and_the_vae_it_was_trained_on(vae_dir, tmp_path):
+    train.main(["latent", "--steps", "3", *TINY_LATENT, "--vae-dir", str(vae_dir),
+                "--data-dir", str(tmp_path)])
+    entry, vae_entry = record(tmp_path, "latent_unet"), record(vae_dir, "vae")
+    assert entry["steps"] == 3 and entry["schedule"] == {"name": "cosine", "T": 50}
+    assert entry["trained_on"] == {"vae_sha256": vae_entry["sha256"],
+                                   "latent_scale": vae_entry["latent_scale"]}
+    vae = du.load_vae(data_dir=vae_dir)
+    config = as_config(du.UNetConfig, entry["config"])
+    assert config == du.sd_unet_config(vae.config, None) and config.image_size == 4
+    assert entry["parameters"] == du.count_parameters(du.UNet(config))
+    assert "cond_drop" not in entry["training"]
+    quality = entry["quality"]
+    assert 0.0 <= quality["recognised_fraction"] <= 1.0 and quality["num_samples"] == 4
+    assert quality["frechet"] >= 0 and "2 steps" in quality["sampler"]
+    assert not (tmp_path / "latent_unet.resume.pt").exists()
+
+    unet, schedule = du.load_diffusion_model("latent_unet", data_dir=tmp_path)
+    model = du.LatentDiffusion(unet, vae, du.vae_scale(data_dir=vae_dir), schedule)
+    images = model.images(2, num_steps=2, generator=torch.Generator().manual_seed(0),
+                          progress=False)
+    assert images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sd_run_records_the_vae_and_clip_and_loads_as_a_pipeline(vae_dir, tmp_path):
+    folder = tmp_path / "all"     # the VAE and CLIP next to the new UNet, as data/ will hold them
+    folder.mkdir()
+    for name in ("vae", "clip"):
+        copy_checkpoint(name, vae_dir, folder)
+    train.main(["sd", "--steps", "3", *TINY_LATENT, "--cond-drop", "0.5", "--eval-guidance", "2",
+                "--vae-dir", str(vae_dir), "--data-dir", str(folder)])
+    entry = record(folder, "sd_unet")
+    vae_entry, clip_entry = record(vae_dir, "vae"), record(vae_dir, "clip")
+    assert entry["steps"] == 3 and entry["schedule"] == {"name": "cosine", "T": 50}
+    assert entry["trained_on"] == {"vae_sha256": vae_entry["sha256"],
+                                   "latent_scale": vae_entry["latent_scale"],
+                                   "clip_sha256": clip_entry["sha256"]}
+    config = as_config(du.UNetConfig, entry["config"])
+    assert config == du.sd_unet_config(as_config(du.VAEConfig, vae_entry["config"]),
+                                       clip_entry["config"]["text_width"])
+    assert entry["training"]["cond_drop"] == 0.5
+    quality = entry["quality"]
+    assert quality["guidance_scale"] == 2.0 and quality["num_samples"] == 4
+    for split in ("seen_pairs", "held_out_pairs"):
+        assert in_unit_interval(quality[split].values())
+        assert "shape and colour" in quality[split]
+    assert not (folder / "sd_unet.resume.pt").exists()
+
+    pipe = du.MiniStableDiffusion.load(data_dir=folder)
+    images = pipe(["a red star", ""], num_steps=2, generator=torch.Generator().manual_seed(0),
+                  progress=False)
+    assert images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sd_quality_reads_the_clip_of_vae_dir(vae_dir, tmp_path):
+    """The UNet reads the text encoder of --vae-dir's CLIP; so must its quality measure (here
+    a CLIP of another width than the shipped one)."""
+    copy_checkpoint("vae", vae_dir, tmp_path)
+    torch.manual_seed(0)
+    clip = du.CLIP(du.ClipConfig(vision_width=16, vision_layers=1, vision_heads=2, text_width=16,
+                                 text_layers=1, text_heads=2, embed_dim=8))
+    du.save_checkpoint("clip", clip.state_dict(), command="test", data_dir=tmp_path,
+                       config=dataclasses.asdict(clip.config))
+    vae = du.load_vae(data_dir=tmp_path)
+    unet = du.UNet(du.sd_unet_config(vae.config, 16))
+    args = argparse.Namespace(what="sd", vae_dir=str(tmp_path), eval_samples=2, eval_steps=1,
+                              eval_guidance=2.0)
+    quality = train.latent_quality(args, unet, vae, du.vae_scale(data_dir=tmp_path),
+                                   du.NoiseSchedule.create("cosine", 50))
+    assert in_unit_interval(quality["seen_pairs"].values())
+
+
+@pytest.mark.parametrize("what", ["latent", "sd"])
+def test_latent_and_sd_name_a_missing_vae_or_clip(what, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train_latent", lambda *a: pytest.fail("training started"))
+
+    def refused(vae_dir) -> str:
+        with pytest.raises(SystemExit) as stop:
+            train.main([what, "--vae-dir", str(vae_dir), "--data-dir", str(tmp_path / "out")])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    empty = tmp_path / "empty"
+    assert (f"python -m tools.train {what}: error: argument --vae-dir: the run needs the vae "
+            f"checkpoint: no checkpoint called 'vae' in {empty / 'manifest.json'} (known: []); "
+            "train it first with `python -m tools.train vae`") in refused(empty)
+    vae = du.VAE(du.VAEConfig(block_channels=(8, 8)))
+    (tmp_path / "vae_only").mkdir()
+    du.save_checkpoint("vae", vae.state_dict(), command="test", data_dir=tmp_path / "vae_only",
+                       config=dataclasses.asdict(vae.config), latent_scale=1.0)
+    if what == "sd":
+        assert ("argument --vae-dir: the run needs the clip checkpoint: no checkpoint called "
+                "'clip'") in refused(tmp_path / "vae_only")
+        assert "train it first with `python -m tools.train clip`" in refused(tmp_path / "vae_only")
+    (tmp_path / "vae_only" / "vae.pt").unlink()
+    assert ("argument --vae-dir: the run needs the vae checkpoint: the file of checkpoint 'vae', "
+            f"{tmp_path / 'vae_only' / 'vae.pt'}, is missing") in refused(tmp_path / "vae_only")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_vae_run_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "vae_quality", lambda model: {})  # tested above
+    tiny = ["--steps", "5", *TINY_VAE, "--save-every", "2"]
+    timing = count_timing_steps(monkeypatch)
+    train.main(["vae", *tiny, "--data-dir", str(tmp_path / "whole")])
+    argv = ["vae", *tiny, "--data-dir", str(tmp_path / "parts")]
+    with monkeypatch.context() as patch:  # Ctrl-C in the middle of training step 3
+        press_ctrl_c(patch, du, "vae_loss", at_call=len(timing) + 3)
+        assert "after step 3 is saved" in stopped(argv, capsys)
+    train.main([*argv, "--resume"])
+    assert "resuming after step 3" in capsys.readouterr().out
+    difference = largest_difference(du.load_checkpoint("vae", data_dir=tmp_path / "parts"),
+                                    du.load_checkpoint("vae", data_dir=tmp_path / "whole"))
+    assert difference <= 1e-6
+    assert not (tmp_path / "parts" / "vae.resume.pt").exists()
+    before, after = record(tmp_path / "whole", "vae"), record(tmp_path / "parts", "vae")
+    assert after["steps"] == 5 and after["command"] == before["command"].replace(
+        str(tmp_path / "whole"), str(tmp_path / "parts"))
+    assert after["latent_scale"] == pytest.approx(before["latent_scale"], rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_sd_run_resumes_to_the_same_result(vae_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setattr(train, "latent_quality", lambda *args: {})  # tested above
+    tiny = ["--steps", "5", *TINY_LATENT, "--save-every", "2", "--log-every", "1",
+            "--vae-dir", str(vae_dir)]
+    train.main(["sd", *tiny, "--data-dir", str(tmp_path / "whole")])
+    argv = ["sd", *tiny, "--data-dir", str(tmp_path / "parts")]
+    with monkeypatch.context() as patch:  # Ctrl-C in the middle of training step 3
+        press_ctrl_c(patch, du, "drop_captions", at_call=3)
+        assert "after step 3 is saved" in stopped(argv, capsys)
+    assert torch.load(tmp_path / "parts" / "sd_unet.resume.pt", weights_only=True)["step"] == 3
+    train.main([*argv, "--resume"])
+    assert "resuming after step 3" in capsys.readouterr().out
+    difference = largest_difference(du.load_checkpoint("sd_unet", data_dir=tmp_path / "parts"),
+                                    du.load_checkpoint("sd_unet", data_dir=tmp_path / "whole"))
+    assert difference <= 1e-6
+    assert not (tmp_path / "parts" / "sd_unet.resume.pt").exists()
+    before, after = record(tmp_path / "whole", "sd_unet"), record(tmp_path / "parts", "sd_unet")
+    assert after["steps"] == 5 and after["trained_on"] == before["trained_on"]
+    assert after["command"] == before["command"].replace(str(tmp_path / "whole"),
+                                                         str(tmp_path / "parts"))
+    assert after["training"]["final_loss"] == pytest.approx(before["training"]["final_loss"],
+                                                            abs=1e-4)

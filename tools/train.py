@@ -6,6 +6,9 @@
     python -m tools.train cond --init-from ddpm_shapes  # lesson 04's conditional model
     python -m tools.train clip                  # lesson 06's CLIP
     python -m tools.train noisy                 # lesson 09's noise-aware classifier
+    python -m tools.train vae                   # lesson 07's VAE
+    python -m tools.train latent                # lesson 07's latent UNet (needs the VAE)
+    python -m tools.train sd                    # lesson 08's text-to-image UNet
 
 Each command writes data/<name>.pt and its record in data/manifest.json: the exact
 command, steps, wall time, device, parameter count, model config and the quality reached.
@@ -175,24 +178,37 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         if args.max_minutes is not None and args.lr_shape != "constant":
             parser.error("argument --max-minutes: needs --lr-shape constant (a cosine decay "
                          "is planned to end at --steps)")
-    elif args.what in ("clip", "noisy"):
+    elif args.what in ("clip", "noisy", "vae", "latent", "sd"):
         if args.warmup >= args.steps:
             parser.error(f"argument --warmup: expected a whole number from 0 to --steps - 1 "
                          f"= {args.steps - 1}, got {args.warmup}")
         if args.what == "clip" and 32 % args.patch_size:
             parser.error(f"argument --patch-size: expected a divisor of the image size 32, "
                          f"got {args.patch_size}")
+        if args.what == "vae" and 32 % 2 ** (len(args.channels) - 1):
+            parser.error(f"argument --channels: expected at most 6 levels (each but the last "
+                         f"halves the 32-pixel image), got {len(args.channels)}")
     elif args.epochs * args.num_images < args.batch_size:
         parser.error(f"argument --batch-size: expected at most --epochs x --num-images = "
                      f"{args.epochs * args.num_images} (the images of the whole run), "
                      f"got {args.batch_size}")
+    if args.what in ("latent", "sd"):
+        if args.eval_steps > args.T:
+            parser.error(f"argument --eval-steps: expected at most --T = {args.T} sampling "
+                         f"steps, got {args.eval_steps}")
+        for name in ("vae", "clip") if args.what == "sd" else ("vae",):
+            if problem := checkpoint_problem(name, args.vae_dir):
+                parser.error(f"argument --vae-dir: the run needs the {name} checkpoint: "
+                             f"{problem}; train it first with `python -m tools.train "
+                             f"{name}`")
     folder = Path(du.DATA_DIR if args.data_dir is None else args.data_dir)
     problem = folder_problem(folder)
     if problem:
         parser.error(f"argument --data-dir: cannot write checkpoints in {folder}: {problem}")
     if args.init_from and (problem := checkpoint_problem(args.init_from, args.data_dir)):
         parser.error(f"argument --init-from: {problem}")
-    if args.what in ("ddpm", "cond") and (problem := checkpoint_problem("classifier", None)):
+    if args.what in ("ddpm", "cond", "latent", "sd") and \
+            (problem := checkpoint_problem("classifier", None)):
         parser.error(f"the quality measure needs the shipped classifier: {problem}; train it "
                      "first with `python -m tools.train classifier`")
 
@@ -735,6 +751,257 @@ def train_noisy(args, run: Resumable, resumed: dict | None) -> None:
     print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
 
 
+# ── lesson 07's VAE ──────────────────────────────────────────────────────────────────
+
+
+def vae_config(args) -> du.VAEConfig:
+    return du.VAEConfig(latent_channels=args.latent_channels,
+                        block_channels=tuple(args.channels), layers_per_block=args.layers)
+
+
+@torch.no_grad()
+def vae_quality(model) -> dict:
+    """Reconstruction PSNR (from the posterior's mean) on 1000 fresh images of the seen pairs
+    (seed 10000) and 1000 of the held-out pairs (seed 10001), never trained on."""
+    model.eval()
+    out = {}
+    for split, seed in (("train", 10_000), ("held_out", 10_001)):
+        x, _ = shapes_tensors(1000, seed=seed, split=split)
+        values = torch.cat([du.psnr(model(x[i:i + 250], sample=False)[0].clamp(-1, 1),
+                                    x[i:i + 250]) for i in range(0, 1000, 250)])
+        key = "seen_pairs" if split == "train" else "held_out_pairs"
+        out[f"psnr_{key}"] = round(float(values.mean()), 2)
+        out[f"psnr_{key}_worst_5pct"] = round(float(values.quantile(0.05)), 2)
+    model.train()
+    return out
+
+
+def train_vae(args, run: Resumable, resumed: dict | None) -> None:
+    """Train :class:`du.VAE` on images of the seen pairs with :func:`du.vae_loss`; then
+    measure its PSNR and compute the latent scale factor from 2000 training images."""
+    du.seed_everything(args.seed)
+    images, _ = shapes_tensors(args.num_images, seed=args.seed, split="train")
+    model = du.VAE(vae_config(args))
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = du.make_lr_scheduler(opt, warmup_steps=args.warmup, total_steps=args.steps,
+                                 shape="cosine")
+
+    def step(bf16: bool) -> float:
+        x = images[torch.randint(0, len(images), (args.batch_size,))]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            reconstruction, posterior = model(x)
+        loss = du.vae_loss(reconstruction.float(), x, posterior.mean.float(),
+                           posterior.logvar.float(), kl_weight=args.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
+    losses = []
+    model.train()
+    with CtrlC() as ctrl_c:
+        for s in du.tqdm(range(done + 1, args.steps + 1), desc="vae", initial=done,
+                         total=args.steps):
+            losses.append(step(bf16))
+            sched.step()
+            if s % args.log_every == 0:
+                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.3f}", flush=True)
+            if s % args.eval_every == 0 and s < args.steps:
+                print(f"step {s}:", vae_quality(model), flush=True)
+            if run.due(s) or s == args.steps or ctrl_c.pressed:
+                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            if ctrl_c.pressed:
+                run.stop()
+    wall = time.time() - start
+    if args.half:  # measure exactly the weights we ship
+        model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    quality = vae_quality(model)
+    model.eval()
+    with torch.no_grad():
+        z = torch.cat([model.encode(images[i:i + 500]).sample(torch.Generator().manual_seed(i))
+                       for i in range(0, min(2000, len(images)), 500)])
+    scale = du.latent_scale(z)
+    print("quality:", quality, f"latent scale {scale:.4f}", flush=True)
+    entry = du.save_checkpoint(
+        "vae", model.state_dict(), data_dir=args.data_dir, half=args.half,
+        command=earlier.chain_command(the_command(run.argv)),
+        steps=earlier.steps + args.steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(device_description(torch.device("cpu")) +
+                                    (", bfloat16 autocast" if bf16 else ", float32"), args.steps),
+        parameters=du.count_parameters(model), config=dataclasses.asdict(model.config),
+        latent_scale=round(scale, 6),
+        training={"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup,
+                  "num_images": args.num_images, "kl_weight": args.kl_weight,
+                  "final_loss": round(float(np.mean(losses[-100:])), 4), "recipe": args.recipe},
+        quality={"measures": "reconstruction PSNR in dB (posterior mean, pixels in [-1, 1]) "
+                             "on 1000 fresh images of the seen pairs (seed 10000) and 1000 of "
+                             "the held-out pairs (seed 10001); the latent scale is 1 / std of "
+                             "posterior draws of 2000 training images", **quality},
+    )
+    run.finish()
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+
+
+# ── lesson 07's latent UNet and lesson 08's text-to-image UNet ───────────────────────
+
+
+def latent_data(args, vae: du.VAE) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The posterior's mean and standard deviation for ``--num-images`` images of the seen
+    pairs (so the held-out pairs stay unseen by the text-to-image model), and their
+    attributes. A fresh latent is drawn from each posterior every time an image is used."""
+    data = du.make_shapes(args.num_images, seed=args.seed, split="train")
+    images = du.from_uint8(data.images)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 500):
+            posterior = vae.encode(images[i:i + 500])
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds), data.attributes
+
+
+@torch.no_grad()
+def latent_quality(args, unet, vae, scale, schedule) -> dict:
+    """Unconditional: the recognised fraction and the distances to 1000 real images of 1000
+    samples. Text-to-image: how often the classifier reads back the asked shape and colour,
+    for 256 canonical captions of seen pairs and 256 of held-out pairs, at --eval-guidance."""
+    classifier = du.load_classifier()
+    generator = torch.Generator().manual_seed(0)
+    if args.what == "latent":
+        model = du.LatentDiffusion(unet, vae, scale, schedule)
+        images = model.images(args.eval_samples, num_steps=args.eval_steps, generator=generator,
+                              progress=False, batch_size=250)
+        reference = du.reference_images(args.eval_samples)
+        return {"recognised_fraction": round(du.recognised_fraction(images, classifier), 4),
+                **{k: round(v, 4) for k, v in
+                   du.distribution_distances(images, reference, classifier).items()},
+                "num_samples": args.eval_samples,
+                "sampler": f"DDIM (eta 0), {args.eval_steps} steps, seed 0",
+                "measures": "recognised fraction (shape probability >= 0.9) and the Frechet "
+                            "and kernel distances of the classifier's features to as many "
+                            "real images (du.reference_images)"}
+    pipe = du.MiniStableDiffusion(du.TextEncoder(du.load_clip(data_dir=args.vae_dir)), unet,
+                                vae, scale, schedule)
+    out = {}
+    for split, seed in (("seen_pairs", 20_000), ("held_out_pairs", 20_001)):
+        labels = du.combination_labels(args.eval_samples, seed=seed,
+                                       split="train" if split == "seen_pairs" else "held_out")
+        prompts = [du.canonical_caption(du.ShapeAttributes.from_labels(row)) for row in labels]
+        images = torch.cat([pipe(prompts[i:i + 128], num_steps=args.eval_steps,
+                                 guidance_scale=args.eval_guidance, generator=generator,
+                                 progress=False) for i in range(0, len(prompts), 128)])
+        out[split] = {k: round(v, 4) for k, v in
+                      du.attribute_agreement(images, labels, classifier).items()}
+    return {**out, "num_samples": args.eval_samples, "guidance_scale": args.eval_guidance,
+            "sampler": f"DDIM (eta 0), {args.eval_steps} steps, classifier-free guidance, seed 0",
+            "measures": "share of samples in which the shipped classifier reads the asked "
+                        "attributes (argmax), for canonical captions of label rows drawn as "
+                        "the data set draws them (du.combination_labels), seen pairs seed "
+                        "20000, held-out pairs seed 20001"}
+
+
+def train_latent(args, run: Resumable, resumed: dict | None) -> None:
+    """Train a UNet on the shipped VAE's scaled latents with du.train and EMA: unconditional
+    (``latent``), or conditioned on captions through the shipped CLIP's frozen text encoder
+    with caption dropout for classifier-free guidance (``sd``)."""
+    du.seed_everything(args.seed)
+    vae = du.load_vae(data_dir=args.vae_dir)
+    scale = du.vae_scale(data_dir=args.vae_dir)
+    text = du.TextEncoder(du.load_clip(data_dir=args.vae_dir)) if args.what == "sd" else None
+    config = du.sd_unet_config(vae.config, text.width if text else None)
+    model = du.UNet(config)
+    earlier = Earlier(**resumed["earlier"]) if resumed else \
+        start_from(model, args.init_from, args.data_dir)
+    schedule = du.NoiseSchedule.create(args.schedule, args.T)
+    mean, std, attributes = latent_data(args, vae)
+    ema = du.EMA(model, decay=args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = du.make_lr_scheduler(optimizer, warmup_steps=args.warmup,
+                                     total_steps=args.steps, shape="cosine")
+    caption_rng = np.random.default_rng([args.seed, 8])
+
+    def batches():
+        while True:
+            idx = torch.randint(0, len(mean), (args.batch_size,))
+            yield (mean[idx] + std[idx] * torch.randn_like(std[idx])) * scale, idx
+
+    def captions(batch) -> dict:
+        chosen = [du.training_caption(attributes[i], caption_rng) for i in batch[1].tolist()]
+        with torch.no_grad():
+            encoding = text(du.drop_captions(chosen, args.cond_drop))
+        return {"context": encoding.tokens, "context_mask": encoding.mask}
+
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        ema.model.load_state_dict(resumed["ema"])
+        ema.num_updates = resumed["ema_updates"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        set_rng_states(resumed["rng"])
+        caption_rng.bit_generator.state = resumed["caption_rng"]
+        bf16, done, losses = bool(resumed["bf16"]), resumed["step"], resumed["losses"].tolist()
+    else:
+        bf16 = du._bf16_is_fast(torch.device("cpu"), model) and not args.float32
+        done, losses = 0, []
+    print(f"training in {'bfloat16 autocast' if bf16 else 'float32'}", flush=True)
+    start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
+    training = du.train(model, batches(), schedule, steps=args.steps, ema=ema,
+                        optimizer=optimizer, scheduler=scheduler, start_step=done,
+                        autocast=bf16, cond_fn=captions if text else None,
+                        min_snr_gamma=args.min_snr_gamma)
+    with CtrlC() as ctrl_c:
+        for state in training:
+            losses.append(state.loss)
+            if state.step % args.log_every == 0:
+                print(f"step {state.step}: loss {np.mean(losses[-args.log_every:]):.4f}  "
+                      f"{time.time() - start:.0f}s", flush=True)
+            if run.due(state.step) or state.step == args.steps or ctrl_c.pressed:
+                run.save(step=state.step, wall_time_s=time.time() - start, bf16=bf16,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         ema=ema.state_dict(), ema_updates=ema.num_updates,
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         losses=torch.tensor(losses, dtype=torch.float64),
+                         caption_rng=caption_rng.bit_generator.state)
+            if ctrl_c.pressed:
+                run.stop()
+    wall = time.time() - start
+    shadow = ema.model.eval()
+    if args.half:  # measure exactly the weights we ship
+        shadow.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                                for k, v in ema.state_dict().items()})
+    start_eval = time.time()
+    quality = latent_quality(args, shadow, vae, scale, schedule)
+    print("quality:", quality, f"(the evaluation took {time.time() - start_eval:.0f}s)",
+          flush=True)
+    vae_record = du.CheckpointManifest.load(args.vae_dir).entry("vae")
+    entry = du.save_checkpoint(
+        NAMES[args.what], ema.state_dict(), data_dir=args.data_dir, half=args.half,
+        command=earlier.chain_command(the_command(run.argv)),
+        steps=earlier.steps + args.steps, wall_time_s=round(earlier.wall_time_s + wall, 1),
+        device=earlier.chain_device(device_description(torch.device("cpu")) +
+                                    (", bfloat16 autocast" if bf16 else ", float32"), args.steps),
+        parameters=du.count_parameters(model), config=dataclasses.asdict(config),
+        schedule={"name": args.schedule, "T": args.T},
+        trained_on={"vae_sha256": vae_record["sha256"], "latent_scale": scale,
+                    **({"clip_sha256": du.CheckpointManifest.load(args.vae_dir).entry("clip")[
+                        "sha256"]} if text else {})},
+        training={"batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup,
+                  "ema_decay": args.ema_decay, "num_images": args.num_images,
+                  "min_snr_gamma": args.min_snr_gamma,
+                  "final_loss": round(float(np.mean(losses[-100:])), 4), "recipe": args.recipe,
+                  **({"cond_drop": args.cond_drop} if text else {})},
+        quality=quality,
+    )
+    run.finish()
+    print(f"wrote {args.data_dir or 'data'}/{entry['file']} ({entry['size_bytes'] / 1e6:.2f} MB)")
+
+
 # ── the DDPM model of lesson 03 ───────────────────────────────────────────────────────
 
 
@@ -910,7 +1177,8 @@ def train_ddpm(args, run: Resumable, resumed: dict | None) -> None:
 
 
 NAMES = {"classifier": "classifier", "ddpm": "ddpm_shapes", "cond": "cond_shapes",
-         "clip": "clip", "noisy": "noisy_classifier"}  # the checkpoint each trains
+         "clip": "clip", "noisy": "noisy_classifier", "vae": "vae",
+         "latent": "latent_unet", "sd": "sd_unet"}  # the checkpoint each trains
 MAX_IMAGES = 10**7  # du.make_shapes's limit
 
 
@@ -993,13 +1261,47 @@ def main(argv: list[str] | None = None) -> None:
     n = sub.add_parser("noisy", help="lesson 09's noise-aware classifier (classifier guidance)")
     n.add_argument("--width", type=whole(8, multiple_of=8), default=32,
                    help="channels of the first layer (GroupNorm uses 8 groups)")
+    v = sub.add_parser("vae", help="lesson 07's VAE (the latent space of latent diffusion)")
+    v.add_argument("--latent-channels", type=whole(1), default=4)
+    v.add_argument("--channels", type=whole(8, multiple_of=8), nargs="+", default=[32, 64, 64],
+                   help="channels of each level; every level but the last halves the size")
+    v.add_argument("--layers", type=whole(1), default=1, help="ResBlocks per encoder level")
+    v.add_argument("--kl-weight", type=number(at_least=0), default=1e-3,
+                   help="weight of the KL term against the summed squared error")
+    v.add_argument("--eval-every", type=whole(1), default=1000)
+    v.add_argument("--recipe", default=None,
+                   help="a note for the manifest: why this recipe (not used by training)")
+    run_options(v, steps=4000, batch_size=64, min_batch=1, lr=1e-3, num_images=20_000,
+                min_images=1, log_every=100)
+    la = sub.add_parser("latent", help="lesson 07's unconditional UNet on the VAE's latents")
+    sd = sub.add_parser("sd", help="lesson 08's text-to-image UNet on the VAE's latents "
+                                   "(the miniature Stable Diffusion)")
+    sd.add_argument("--cond-drop", type=number(at_least=0, below=1), default=0.1,
+                    help="probability of training on the empty caption (classifier-free "
+                         "guidance)")
+    sd.add_argument("--eval-guidance", type=number(at_least=0), default=4.0,
+                    help="guidance scale of the quality measure")
+    for q in (la, sd):
+        run_options(q, steps=8000, batch_size=64, min_batch=1, lr=1e-3, num_images=20_000,
+                    min_images=1, log_every=100)
+        q.add_argument("--ema-decay", type=number(at_least=0, below=1), default=0.999)
+        q.add_argument("--schedule", choices=du.SCHEDULE_NAMES, default="cosine")
+        q.add_argument("--T", type=whole(1), default=1000)
+        q.add_argument("--eval-samples", type=whole(1), default=256)
+        q.add_argument("--eval-steps", type=whole(1), default=25, help="DDIM steps, at most --T")
+        q.add_argument("--min-snr-gamma", type=number(above=0), default=None,
+                       help="weight the loss by min(SNR, gamma) / SNR (Hang et al. 2023)")
+        q.add_argument("--vae-dir", default=None,
+                       help="folder whose VAE (and CLIP, for sd) the run uses (default: data/)")
+        q.add_argument("--recipe", default=None,
+                       help="a note for the manifest: why this recipe (not used by training)")
     run_options(g, steps=3000, batch_size=256, min_batch=2, lr=5e-4, num_images=40_000,
                 min_images=2, log_every=50)
     run_options(n, steps=4000, batch_size=128, min_batch=1, lr=2e-3, num_images=20_000,
                 min_images=5, log_every=100)
     g.add_argument("--recipe", default=None,
                    help="a note for the manifest: why this recipe (not used by training)")
-    for p in (c, d, k, g, n):
+    for p in (c, d, k, g, n, v, la, sd):
         p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
         p.add_argument("--data-dir", default=None,
                        help="folder for the checkpoint and its manifest record, also where "
@@ -1014,7 +1316,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="continue the interrupted run of this same command from "
                             "<data-dir>/<name>.resume.pt")
     args = parser.parse_args(argv)
-    command = {"classifier": c, "ddpm": d, "cond": k, "clip": g, "noisy": n}[args.what]
+    command = {"classifier": c, "ddpm": d, "cond": k, "clip": g, "noisy": n, "vae": v,
+               "latent": la, "sd": sd}[args.what]
     check_arguments(command, args)
     run = Resumable(NAMES[args.what], args, argv)
     resumed = run.load(command) if args.resume else None
@@ -1025,7 +1328,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train = {"classifier": train_classifier, "ddpm": train_ddpm, "cond": train_ddpm,
-             "clip": train_clip, "noisy": train_noisy}[args.what]
+             "clip": train_clip, "noisy": train_noisy, "vae": train_vae,
+             "latent": train_latent, "sd": train_latent}[args.what]
     try:
         train(args, run, resumed)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
