@@ -24,5 +24,9 @@ from diffusion_checks.lesson05 import (check_ddim_invert, check_ddim_step,  # no
                                        check_ddim_timesteps, check_score_from_eps, check_slerp)
 from diffusion_checks.lesson06 import (check_causal_mask, check_contrastive_loss,  # noqa: F401
                                        check_patchify, check_zero_shot_scores)
+from diffusion_checks.lesson07 import (check_gaussian_kl, check_latent_scale,  # noqa: F401
+                                       check_reparameterize, check_vae_loss)
+from diffusion_checks.lesson08 import (check_cfg_eps, check_drop_captions,  # noqa: F401
+                                       check_img2img_start, check_inpaint_blend)
 from diffusion_checks.lesson09 import (check_classifier_log_prob_grad,  # noqa: F401
                                        check_clip_guided_eps, check_guided_eps)
