@@ -1,4 +1,4 @@
-"""The benchmark scripts of lessons 06 and 09 run end to end in their quick mode and print
+"""The benchmark scripts of lessons 06 to 09 run end to end in their quick mode and print
 every row (their numbers are for reading, not for asserting here)."""
 import os
 import subprocess
@@ -40,3 +40,30 @@ def test_bench_guidance_quick_prints_both_tables():
     for row in ("1. classifier guidance", "2. CLIP guidance", "real images", "target acc",
                 "Fréchet", "kernel"):
         assert row in text, f"{row!r} missing from the output:\n{text}"
+
+
+def test_bench_latent_quick_prints_the_table_and_the_speed_ups():
+    entries = du.CheckpointManifest.load().entries
+    missing = {"ddpm_shapes", "classifier", "vae", "latent_unet"} - set(entries)
+    if missing:
+        pytest.skip(f"not shipped yet: {sorted(missing)}")
+    text = run_quick("bench_latent.py")
+    for row in ("pixel (ddpm_shapes)", "latent (latent_unet + vae)", "real images",
+                "train step ms", "sample s", "decode s", "recognised", "Fréchet", "kernel",
+                "speed-up of latent over pixel: training step"):
+        assert row in text, f"{row!r} missing from the output:\n{text}"
+
+
+def test_bench_sd_quick_prints_targets_and_the_guidance_sweep():
+    entries = du.CheckpointManifest.load().entries
+    missing = {"classifier", "clip", "vae", "sd_unet"} - set(entries)
+    if missing:
+        pytest.skip(f"not shipped yet: {sorted(missing)}")
+    text = run_quick("bench_sd.py")
+    for row in ("1. generation time", "2. prompt accuracy", "3. guidance scale", "real images",
+                "shape and colour", "Fréchet", "kernel", "diversity"):
+        assert row in text, f"{row!r} missing from the output:\n{text}"
+    targets = [line for line in text.splitlines() if line.rstrip().endswith("MET")]
+    assert len(targets) == 3, f"expected three target lines (time, seen, held-out):\n{text}"
+    assert any("≤ 2 s" in line for line in targets), text
+    assert [line.split()[0] for line in targets[1:]] == ["seen", "held-out"], text
