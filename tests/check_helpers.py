@@ -37,3 +37,35 @@ def cases(table, width=None):
     id "<check name>-<case id>"; with ``width``, only the rows of that many items."""
     return [pytest.param(name, *row[1:], id=f"{name}-{row[0]}")
             for name, rows in table.items() for row in rows if width is None or len(row) == width]
+
+
+def table_tests(checks, right, mistakes):
+    """The four table-driven tests of a lesson's checks, to assign at a test module's top level:
+    ``checks`` {name: (check, reference, ...)}, ``right`` and ``mistakes`` {name: [(case id,
+    fn[, hint]), ...]}. The reference passes and is remembered as passed; the stub is "not
+    attempted"; each right version in another form passes; each planted mistake fails with its
+    hint (and never with the broadcasting hint, which would mislead)."""
+
+    @pytest.mark.parametrize("name", checks)
+    def test_reference_passes(name, capsys):
+        check, reference = checks[name][:2]
+        assert_passes(check, reference, capsys)
+        assert dc.passed(reference)
+
+    @pytest.mark.parametrize("name", checks)
+    def test_stub_is_not_attempted(name, capsys):
+        assert_not_attempted(checks[name][0], capsys)
+
+    @pytest.mark.parametrize("name, fn", cases(right))
+    def test_right_versions_in_other_forms_pass(name, fn, capsys):
+        assert_passes(checks[name][0], fn, capsys)
+
+    @pytest.mark.parametrize("name, fn, hint", cases(mistakes))
+    def test_planted_mistakes_fail_with_their_hint(name, fn, hint):
+        with pytest.raises(AssertionError) as err:
+            checks[name][0](fn)
+        assert hint in str(err.value), str(err.value)
+        assert dc.BROADCAST_HINT not in str(err.value)
+
+    return (test_reference_passes, test_stub_is_not_attempted,
+            test_right_versions_in_other_forms_pass, test_planted_mistakes_fail_with_their_hint)

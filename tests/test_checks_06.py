@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN, cases, stub  # noqa: E402
+from check_helpers import DEVICE, GENERIC, IN_PLACE, NAN, stub, table_tests  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -523,19 +523,8 @@ MISTAKES = {"patchify": PATCHIFY_MISTAKES, "causal_mask": MASK_MISTAKES,
 # -- the tests --
 
 
-@pytest.mark.parametrize("name", CHECKS)
-def test_reference_passes(name, capsys):
-    check, reference = CHECKS[name]
-    assert check(reference) is True
-    assert dc.PASSED_MARK in capsys.readouterr().out
-    assert dc.passed(reference)
-
-
-@pytest.mark.parametrize("name", CHECKS)
-def test_stub_is_not_attempted(name, capsys):
-    check, _ = CHECKS[name]
-    assert check(stub) is False
-    assert dc.NOT_ATTEMPTED_MARK in capsys.readouterr().out
+(test_reference_passes, test_stub_is_not_attempted, test_right_versions_in_other_forms_pass,
+ test_planted_mistakes_fail_with_their_hint) = table_tests(CHECKS, RIGHT, MISTAKES)
 
 
 def test_exercise_names_match_the_notebook_headings():
@@ -544,20 +533,6 @@ def test_exercise_names_match_the_notebook_headings():
         "Exercise 2 · The causal mask: each word sees only the words before it",
         "Exercise 3 · The symmetric contrastive loss",
         "Exercise 4 · The zero-shot classifier"]
-
-
-@pytest.mark.parametrize("name, fn", cases(RIGHT))
-def test_right_versions_in_other_forms_pass(name, fn, capsys):
-    assert CHECKS[name][0](fn) is True
-    assert dc.PASSED_MARK in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("name, fn, hint", cases(MISTAKES))
-def test_planted_mistakes_fail_with_their_hint(name, fn, hint):
-    with pytest.raises(AssertionError) as err:
-        CHECKS[name][0](fn)
-    assert hint in str(err.value), str(err.value)
-    assert dc.BROADCAST_HINT not in str(err.value)
 
 
 def test_every_check_has_device_and_return_mistakes_and_other_right_forms():

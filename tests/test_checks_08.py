@@ -11,7 +11,7 @@ import torch
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-from check_helpers import DEVICE, IN_PLACE, NAN, cases, stub  # noqa: E402
+from check_helpers import DEVICE, IN_PLACE, NAN, stub, table_tests  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -421,19 +421,8 @@ RIGHT = {"drop_captions": DROP_RIGHT, "cfg_eps": CFG_RIGHT, "img2img_start": IMG
          "inpaint_blend": BLEND_RIGHT}
 
 
-@pytest.mark.parametrize("name", CHECKS)
-def test_reference_passes(name, capsys):
-    check, reference = CHECKS[name]
-    assert check(reference) is True
-    assert dc.PASSED_MARK in capsys.readouterr().out
-    assert dc.passed(reference)
-
-
-@pytest.mark.parametrize("name", CHECKS)
-def test_stub_is_not_attempted(name, capsys):
-    check, _ = CHECKS[name]
-    assert check(stub) is False
-    assert dc.NOT_ATTEMPTED_MARK in capsys.readouterr().out
+(test_reference_passes, test_stub_is_not_attempted, test_right_versions_in_other_forms_pass,
+ test_planted_mistakes_fail_with_their_hint) = table_tests(CHECKS, RIGHT, MISTAKES)
 
 
 def test_exercise_names_match_the_notebook_headings():
@@ -442,19 +431,6 @@ def test_exercise_names_match_the_notebook_headings():
         "Exercise 2 · Classifier-free guidance: the guided noise estimate",
         "Exercise 3 · Image-to-image: where to start",
         "Exercise 4 · Inpainting: putting the known region back"]
-
-
-@pytest.mark.parametrize("name, fn", cases(RIGHT))
-def test_right_versions_in_other_forms_pass(name, fn, capsys):
-    assert CHECKS[name][0](fn) is True
-    assert dc.PASSED_MARK in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("name, fn, hint", cases(MISTAKES))
-def test_planted_mistakes_fail_with_their_hint(name, fn, hint):
-    with pytest.raises(AssertionError) as err:
-        CHECKS[name][0](fn)
-    assert hint in str(err.value), str(err.value)
 
 
 def test_every_check_has_in_place_and_two_right_forms_and_the_tensor_ones_device_and_nan():
