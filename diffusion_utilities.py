@@ -3821,6 +3821,14 @@ def decode_latents(vae: VAE, latents: Tensor, scale: float, *, batch_size: int =
     return torch.cat(out)
 
 
+# Which timesteps DDIM visits on latents. Pixels have x̂_0 clipped to [-1, 1]; latents have no
+# such bound, and the cosine schedule's last step has ᾱ = 2.4e-9, so one DDIM step from
+# t = T - 1 multiplies the network's error in ε by sqrt(ᾱ_prev / ᾱ_{T-1}), about 1000. The
+# "leading" timesteps start at T - T/S instead (ᾱ = 3.7e-3 for 25 steps), as Stable
+# Diffusion's scheduler does; the noise there is still all but pure.
+LATENT_SPACING = "leading"
+
+
 class LatentDiffusion:
     """A diffusion model on a VAE's latents, called like a pixel model where it matters:
     ``unet`` predicts ε for scaled latents ``scale * z``; :meth:`images` samples latents with
@@ -3835,11 +3843,12 @@ class LatentDiffusion:
 
     def images(self, n: int, *, num_steps: int = 50, generator=None, progress: bool = True,
                batch_size: int | None = None, autocast: bool | None = None, **cond) -> Tensor:
-        """``n`` images: latents by :func:`ddim_images` (x̂_0 not clipped), then decoded."""
+        """``n`` images: latents by :func:`ddim_images` (x̂_0 not clipped, timesteps
+        :data:`LATENT_SPACING`), then decoded."""
         latents = ddim_images(self.unet, n, self.schedule, num_steps=num_steps,
                               generator=generator, progress=progress, batch_size=batch_size,
                               image_shape=self.latent_shape, clip_x0=False, autocast=autocast,
-                              **cond)
+                              spacing=LATENT_SPACING, **cond)
         return decode_latents(self.vae, latents, self.scale)
 
 
@@ -3993,7 +4002,8 @@ class MiniStableDiffusion:
                guidance_scale: float = 4.0, generator: torch.Generator | None = None,
                init_latents: Tensor | None = None, strength: float = 1.0,
                keep: Tensor | None = None, progress: bool = True) -> Tensor:
-        """Scaled latents for ``prompts`` (one per image) by DDIM (η = 0) with guidance.
+        """Scaled latents for ``prompts`` (one per image) by DDIM (η = 0) with guidance, on
+        the :data:`LATENT_SPACING` timesteps.
 
         ``init_latents`` (scaled, one per prompt) with ``strength`` < 1: image-to-image;
         with ``keep`` (1 = keep, broadcastable to the latents): inpainting, which blends
@@ -4009,7 +4019,7 @@ class MiniStableDiffusion:
                              f"(one scaled latent per prompt), got {tuple(init_latents.shape)}")
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * n)
-        timesteps = ddim_timesteps(self.schedule.T, num_steps)
+        timesteps = ddim_timesteps(self.schedule.T, num_steps, spacing=LATENT_SPACING)
         schedule = self.schedule.to(device)
         noise = torch.randn((n, *self.latent_shape), generator=generator).to(device)
         if init_latents is None:

@@ -361,5 +361,6 @@ def test_latent_diffusion_samples_latents_and_decodes_them():
     out = model.images(3, num_steps=3, generator=generator(2), progress=False, batch_size=2)
     assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
     latents = du.ddim_images(unet, 3, schedule, num_steps=3, generator=generator(2),
-                             progress=False, batch_size=2, image_shape=(4, 8, 8), clip_x0=False)
+                             progress=False, batch_size=2, image_shape=(4, 8, 8), clip_x0=False,
+                             spacing=du.LATENT_SPACING)
     torch.testing.assert_close(out, du.decode_latents(vae, latents, 0.8))

@@ -423,7 +423,7 @@ def test_img2img_runs_the_kept_steps_from_the_noised_init(modules):
     with UNetCalls(pipe.unet) as unet:
         out = sample(pipe, init_latents=init, strength=0.5, num_steps=6)
     strength, timesteps, eps = seen[0]
-    assert strength == 0.5 and torch.equal(timesteps, du.ddim_timesteps(100, 6))
+    assert strength == 0.5 and torch.equal(timesteps, du.ddim_timesteps(100, 6, spacing=du.LATENT_SPACING))
     assert torch.equal(eps, torch.randn(2, 4, 4, 4, generator=generator(0)))  # the first draw
     assert unet.sizes == [4] * 3                        # the last half of the 6 steps
     assert not torch.allclose(out, init)
@@ -452,7 +452,7 @@ def test_inpainting_keeps_the_known_region_and_repaints_the_rest(modules):
     out = sample(pipe, init_latents=init, keep=keep, strength=0.3)   # strength: not used
     assert torch.equal(out[..., :2, :], init[..., :2, :])
     assert not torch.allclose(out[..., 2:, :], init[..., 2:, :])
-    steps = du.ddim_timesteps(100, 4).tolist()
+    steps = du.ddim_timesteps(100, 4, spacing=du.LATENT_SPACING).tolist()
     assert calls == [[t, t] for t in [*steps[1:], -1]]   # after every step, at its t_prev
 
 
