@@ -27,8 +27,8 @@ guidance, the starting noises drawn from one seed, so every scale starts from th
    (``du.make_shapes`` with the prompts' seed and split); and the diversity, the mean pairwise
    distance between the classifier features (``du.classifier_features``) of images drawn for
    the same prompt (8 prompts x 8 images), averaged over the prompts. A row of real images
-   gives the yardsticks: the distances of real images of another seed (the floor at this
-   number of images) and the diversity of real images with the same five attributes.
+   gives the yardsticks: the distances of other real images with the same labels (the floor
+   at this number of images) and the diversity of real images with the same five attributes.
 
 No assertions but the target lines: this prints numbers.
 """
@@ -157,7 +157,7 @@ def sweep(sd, labels, cache, classifier, args) -> None:
           f"{args.per_prompt} images of the same prompt ({args.diversity_prompts} prompts)")
     print(f"{'scale':>12}{'shape and colour':>18}{'Fréchet':>10}{'kernel':>10}{'diversity':>11}"
           f"{'seconds':>9}")
-    other = du.from_uint8(du.make_shapes(args.n, seed=REAL_SEED, split=split).images)
+    other = real_groups(labels, 1)              # other real images with the very same labels
     floor = du.distribution_distances(other, reference, classifier)
     real_accuracy = du.attribute_agreement(reference, labels, classifier)["shape and colour"]
     real_diversity = diversity(real_groups(groups, args.per_prompt), len(groups), classifier)
@@ -173,8 +173,8 @@ def sweep(sd, labels, cache, classifier, args) -> None:
         print(f"{scale:>12g}{agreement:18.1%}{dist['frechet']:10.2f}{dist['kernel']:10.4f}"
               f"{spread:11.2f}{seconds:9.1f}", flush=True)
     print(f"(seconds: for the {args.n} images. Real images: the accuracy and diversity of real "
-          "images with the prompts' labels; the distances of real images of another seed to "
-          "them, the floor at this number of images)")
+          "images with the prompts' labels; the distances to them of other real images with "
+          "the same labels, the floor at this number of images)")
     print()
 
 
