@@ -188,6 +188,20 @@ BROADCAST_HINT = ("check how per-timestep values broadcast over the batch: a (B,
                   "become (B, 1, 1, 1) before it multiplies a (B, C, H, W) batch")
 
 
+def call_explained(fn, *args, names: tuple[str, ...], what: str, explain=None,
+                   grad: bool = False, **kwargs):
+    """:func:`call_pure` (without gradients unless ``grad``); an error that ``explain(err)``
+    recognises becomes a hint, any other reaches the learner with its traceback."""
+    try:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return call_pure(fn, *args, names=names, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        hint = explain(err) if explain is not None else None
+        if hint is None:
+            raise
+        fail(f"{what} raised {type(err).__name__} ({str(err).splitlines()[0]}) — {hint}")
+
+
 def expect_tensor(out, *, shape, dtype=torch.float32, what: str = "the result",
                   shape_hint: str | None = None) -> Tensor:
     """Check ``out`` is a finite tensor of ``shape`` and ``dtype``; name what was expected.
@@ -263,6 +277,18 @@ def same_values(out, wrong: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -
     if not torch.equal(out[out.isinf()], wrong[wrong.isinf()]):
         return False
     return bool(torch.allclose(out[finite], wrong[finite], atol=atol, rtol=rtol))
+
+
+def expect_result(out, shape, dtype, mistakes: dict[str, Tensor], what: str,
+                  shape_hint: str | None = None) -> Tensor:
+    """:func:`expect_tensor`, but a result of the right shape holding NaN or inf that one of
+    the known ``mistakes`` {hint: wrong result} reproduces fails with that mistake's hint."""
+    if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) and \
+            not bool(torch.isfinite(out.detach()).all()):
+        for hint, wrong in mistakes.items():
+            if same_values(out, wrong, atol=1e-4, rtol=1e-3):
+                fail(f"{what} is not right: {hint}")
+    return expect_tensor(out, shape=shape, dtype=dtype, what=what, shape_hint=shape_hint)
 
 
 def largest_difference(out: Tensor, expected: Tensor, *, item_names=None) -> str:

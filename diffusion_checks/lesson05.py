@@ -17,7 +17,7 @@ import diffusion_utilities as du
 
 from ._core import (BROADCAST_HINT, DEVICE_HINT, NOT_ATTEMPTED_MARK, PASSED_MARK,  # noqa: F401
                     call, call_pure, changed, close, compare, exercise_check, expect_finite,
-                    expect_fresh_normal_noise,
+                    expect_fresh_normal_noise, expect_result,
                     expect_float, expect_tensor, fail, largest_difference, near, other_device,
                     passed, probe_device, same_values, snapshot, to_device, yours_if_passed)
 
@@ -50,16 +50,6 @@ def _call_05(fn, *args, names: tuple[str, ...], what: str, index_hint: str,
 def _per_item(values: Tensor, index: Tensor, ndim: int) -> Tensor:
     """``values[index]`` in float64, reshaped to (B, 1, ..., 1) with ``ndim`` dims."""
     return values.double()[index].reshape(-1, *([1] * (ndim - 1)))
-
-
-def _expect_result(out, shape, dtype, mistakes: dict[str, Tensor], what: str) -> Tensor:
-    """Type, shape and dtype; NaN or inf named when a known mistake makes them."""
-    if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) and \
-            not bool(torch.isfinite(out.detach()).all()):
-        for hint, wrong in mistakes.items():
-            if same_values(out, wrong, atol=1e-4, rtol=1e-3):
-                fail(f"{what} is not right: {hint}")
-    return expect_tensor(out, shape=shape, dtype=dtype, what=what)
 
 
 # ── Exercise 1 · From the noise to the score ─────────────────────────────────────────
@@ -122,7 +112,7 @@ def check_score_from_eps(fn) -> str:
         out = _call_05(fn, eps.clone(), t.clone(), schedule, names=names, what=what,
                        index_hint="is t off by one (t + 1 or t − 1)? Timesteps are 0 .. T − 1 "
                                   "and ᾱ_t is alpha_bars[t]")
-        out = _expect_result(out, eps.shape, eps.dtype, mistakes, what)
+        out = expect_result(out, eps.shape, eps.dtype, mistakes, what)
         compare(out, expected, mistakes, what=what, atol=1e-4, rtol=1e-3,
                 item_names=[f"t = {int(s)}" for s in t],
                 term_hint="∇ log q_t(x_t) = −ε / sqrt(1 − ᾱ_t), with ᾱ_t = alpha_bars[t] "
@@ -262,7 +252,7 @@ def check_ddim_step(fn) -> str:
             expected = du.ddim_step(model_eps, xt, t, t_prev, schedule, eta=eta, noise=noise)
             mistakes = _ddim_mistakes(model_eps, xt, t, t_prev, schedule, eta, noise)
             out = _call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=eta, noise=noise)
-            out = _expect_result(out, xt.shape, xt.dtype, mistakes, what)
+            out = expect_result(out, xt.shape, xt.dtype, mistakes, what)
             if eta > 0 and not close(out, expected, atol=1e-4, rtol=1e-3):
                 _check_noise_used(out, model_eps, xt, t, t_prev, schedule, eta, noise,
                                   mistakes, what)
@@ -302,7 +292,7 @@ def _check_drawn(fn) -> None:
     expected = du.ddim_step(model_eps, xt, t, t_prev, schedule, eta=0.0,
                             noise=torch.zeros_like(xt))
     what = "x_prev with η = 0 and noise=None"
-    outs = [_expect_result(_call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=0.0),
+    outs = [expect_result(_call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=0.0),
                            xt.shape, xt.dtype, {}, what) for _ in range(2)]
     compare(outs[0], expected, {}, what=what, atol=1e-4, rtol=1e-3,
             term_hint="with η = 0, σ_t = 0: the step adds no noise and is deterministic")
@@ -313,7 +303,7 @@ def _check_drawn(fn) -> None:
     sigma = du.ddim_step(model_eps, xt, t, t_prev, schedule, eta=1.0,
                          noise=torch.ones_like(xt)) - mean
     what = "x_prev with η = 1 and noise=None"
-    outs = [_expect_result(_call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=1.0),
+    outs = [expect_result(_call_step(fn, model_eps, xt, t, t_prev, schedule, what, eta=1.0),
                            xt.shape, xt.dtype, {}, what) for _ in range(2)]
     expect_fresh_normal_noise(outs, mean, sigma, what)
 
@@ -534,7 +524,7 @@ def check_slerp(fn) -> str:
                        index_hint="index each sample of the batch, z[i]",
                        shapes="an alpha of shape (B,) must become (B, 1) (or (B, 1, 1, 1)) "
                               "to weight each sample's vector")
-        out = _expect_result(out, z0.shape, z0.dtype, mistakes, what)
+        out = expect_result(out, z0.shape, z0.dtype, mistakes, what)
         compare(out, expected, mistakes, what=what, item_names=[f"sample {i}" for i in
                                                                  range(len(z0))],
                 term_hint="per sample: cos θ = z_0 · z_1 / (|z_0| |z_1|), then "
@@ -669,7 +659,7 @@ def check_ddim_invert(fn) -> str:
         if isinstance(out, (list, tuple)) and len(out) > 1:
             fail(f"{what}: returned a {type(out).__name__} of {len(out)} items; return only the "
                  "final noise x_T, a tensor shaped like x0")
-        out = _expect_result(out, x0.shape, x0.dtype, mistakes, what)
+        out = expect_result(out, x0.shape, x0.dtype, mistakes, what)
         _check_invert_calls(model.calls, levels, x0, what)
         compare(out.detach(), expected, mistakes, what=what, atol=1e-4, rtol=1e-3,
                 item_names=[f"image {i}" for i in range(len(x0))],

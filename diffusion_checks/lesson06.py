@@ -20,23 +20,9 @@ from torch import Tensor
 
 import diffusion_utilities as du
 
-from ._core import (DEVICE_HINT, _device_words, _is_device_error, _MetaAsGPU, call_pure,
-                    close, compare, exercise_check, expect_finite, expect_tensor, fail,
-                    other_device, probe_device, same_values)
-
-
-def _run(fn, *args, names: tuple[str, ...], what: str, explain=None, grad: bool = False,
-         **kwargs):
-    """:func:`call_pure` (without gradients unless ``grad``); an error that ``explain(err)``
-    recognises becomes a hint, any other reaches the learner with its traceback."""
-    try:
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            return call_pure(fn, *args, names=names, **kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        hint = explain(err) if explain is not None else None
-        if hint is None:
-            raise
-        fail(f"{what} raised {type(err).__name__} ({str(err).splitlines()[0]}) — {hint}")
+from ._core import (DEVICE_HINT, _device_words, _is_device_error, _MetaAsGPU, call_explained,
+                    close, compare, exercise_check, expect_finite, expect_tensor,
+                    fail, other_device, probe_device, same_values)
 
 
 def _unit(x: Tensor, dim: int = -1) -> Tensor:
@@ -151,7 +137,7 @@ def check_patchify(fn) -> str:
         what = f"patchify(images, {p}) on {description}"
         expected = du.patchify(images, p)                       # the reference, before yours
         mistakes = _patch_mistakes(images, p)
-        out = _run(fn, images.clone(), p, names=("images", "patch_size"), what=what,
+        out = call_explained(fn, images.clone(), p, names=("images", "patch_size"), what=what,
                    explain=_patch_crash)
         shape = (B, (H // p) * (W // p), C * p * p)
         out = expect_tensor(out, shape=shape, dtype=images.dtype, what=what,
@@ -265,7 +251,7 @@ def check_causal_mask(fn) -> str:
                       (7, {"device": None})]:
         what = f"causal_mask({L}{', device=' + repr(kwargs['device']) if kwargs else ''})"
         expected = du.causal_mask(L)                           # the reference, before yours
-        out = _run(fn, L, names=("length",), what=what, explain=_mask_crash, **kwargs)
+        out = call_explained(fn, L, names=("length",), what=what, explain=_mask_crash, **kwargs)
         out = _expect_mask(out, L, what)
         if out.device.type != "cpu":
             fail(f"{what} is on {out.device}: with device=None (the default) make it on the "
@@ -408,7 +394,7 @@ def _check_loss_gradients(fn, image_features: Tensor, text_features: Tensor,
     ref = leaves()
     du.contrastive_loss(*ref).backward()                        # the reference, before yours
     mine = leaves()
-    out = _run(fn, *mine, names=names, what=what, explain=_loss_crash, grad=True)
+    out = call_explained(fn, *mine, names=names, what=what, explain=_loss_crash, grad=True)
     if not isinstance(out, Tensor) or not out.requires_grad:
         fail(f"{what} has no gradient (requires_grad is False): something cut it from the "
              "graph — .detach(), .item(), .numpy(), torch.no_grad() or torch.tensor(value) — "
@@ -437,7 +423,7 @@ def check_contrastive_loss(fn) -> str:
         scale = torch.tensor(s)
         expected = du.contrastive_loss(img, txt, scale)          # the reference, before yours
         mistakes = _loss_mistakes(img, txt, s)
-        out = _run(fn, img.clone(), txt.clone(), scale.clone(), names=names, what=what,
+        out = call_explained(fn, img.clone(), txt.clone(), scale.clone(), names=names, what=what,
                    explain=_loss_crash)
         out = _expect_loss(out, img, txt, s, what)
         compare(out, expected, mistakes, what=what, atol=1e-5, rtol=1e-4,
@@ -538,7 +524,7 @@ def check_zero_shot_scores(fn) -> str:
         what = f"the score matrix ({description})"
         expected = du.zero_shot_scores(images, prompts)          # the reference, before yours
         mistakes = _zero_shot_mistakes(images, prompts)
-        out = _run(fn, images.clone(), prompts.clone(), names=names, what=what,
+        out = call_explained(fn, images.clone(), prompts.clone(), names=names, what=what,
                    explain=_zero_shot_crash)
         out = expect_tensor(out, shape=(N, K), dtype=images.dtype, what=what,
                             shape_hint=_zero_shot_shape_hint(out, N, K, P)

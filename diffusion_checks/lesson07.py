@@ -11,7 +11,6 @@ numbers; every input is drawn from a generator of the check's own.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -21,37 +20,12 @@ from torch import Tensor
 
 import diffusion_utilities as du
 
-from ._core import (call_pure, close, compare, exercise_check, expect_finite, expect_tensor,
-                    fail, largest_difference, near, probe_device, same_values)
-
-
-def _run(fn, *args, names: tuple[str, ...], what: str, explain=None, grad: bool = False,
-         **kwargs):
-    """:func:`call_pure` (without gradients unless ``grad``); an error that ``explain(err)``
-    recognises becomes a hint, any other reaches the learner with its traceback."""
-    try:
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            return call_pure(fn, *args, names=names, **kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        hint = explain(err) if explain is not None else None
-        if hint is None:
-            raise
-        fail(f"{what} raised {type(err).__name__} ({str(err).splitlines()[0]}) — {hint}")
-
-
-def _expect_result(out, shape, dtype, mistakes: dict[str, Tensor], what: str,
-                   shape_hint: str | None = None) -> Tensor:
-    """Type, shape and dtype; NaN or inf named when a known mistake makes them."""
-    if isinstance(out, Tensor) and tuple(out.shape) == tuple(shape) and \
-            not bool(torch.isfinite(out.detach()).all()):
-        for hint, wrong in mistakes.items():
-            if same_values(out, wrong, atol=1e-4, rtol=1e-3):
-                fail(f"{what} is not right: {hint}")
-    return expect_tensor(out, shape=shape, dtype=dtype, what=what, shape_hint=shape_hint)
+from ._core import (call_explained, close, compare, exercise_check, expect_finite,
+                    expect_result, fail, largest_difference, near, probe_device)
 
 
 def _shape_crash(rule: str):
-    """An ``explain`` for :func:`_run`: shapes that do not fit, or a dim that is not there."""
+    """An ``explain`` for :func:`call_explained`: shapes that do not fit, or a dim that is not there."""
     def explain(err: Exception) -> str | None:
         text = str(err)
         if "size of tensor" in text or "broadcast" in text or "out of range" in text:
@@ -89,7 +63,7 @@ def _check_gradients(fn, reference, arguments: dict[str, Tensor], leaves: tuple[
     ref = copies()
     reference(*ref.values(), **kwargs).sum().backward()         # the reference, before yours
     mine = copies()
-    out = _run(fn, *mine.values(), names=tuple(mine), what=what, grad=True, **kwargs)
+    out = call_explained(fn, *mine.values(), names=tuple(mine), what=what, grad=True, **kwargs)
     if not isinstance(out, Tensor) or not out.requires_grad:
         fail(f"{what} has no gradient (requires_grad is False): something cut it from the "
              "graph — torch.no_grad(), .detach(), .data, .item(), .numpy() or "
@@ -160,13 +134,13 @@ def _check_uses_eps(fn, mean: Tensor, logvar: Tensor, eps: Tensor, out: Tensor,
                     what: str) -> None:
     """z must be a deterministic function of the argument ``eps``."""
     names = ("mean", "logvar", "eps")
-    again = _run(fn, mean.clone(), logvar.clone(), eps.clone(), names=names, what=what)
+    again = call_explained(fn, mean.clone(), logvar.clone(), eps.clone(), names=names, what=what)
     if isinstance(again, Tensor) and again.shape == out.shape and not torch.equal(again, out):
         fail(f"{what}: two calls with the same eps gave different z — your code draws noise of "
              "its own (torch.randn_like?); use the argument eps as ε: the caller draws it, so "
              "that a sample can be repeated. " + _Z_RULE)
     other = torch.randn(eps.shape, generator=torch.Generator().manual_seed(71))
-    moved = _run(fn, mean.clone(), logvar.clone(), other, names=names, what=what)
+    moved = call_explained(fn, mean.clone(), logvar.clone(), other, names=names, what=what)
     if close(moved, out):
         fail(f"{what}: z stays the same when eps changes — use the argument eps as ε (no noise "
              "of your own, no fixed seed): " + _Z_RULE)
@@ -182,9 +156,9 @@ def check_reparameterize(fn) -> str:
         what = f"z ({description})"
         expected = du.reparameterize(mean, logvar, eps)          # the reference, before yours
         mistakes = _reparam_mistakes(mean, logvar, eps)
-        out = _run(fn, mean.clone(), logvar.clone(), eps.clone(), names=names, what=what,
+        out = call_explained(fn, mean.clone(), logvar.clone(), eps.clone(), names=names, what=what,
                    explain=explain)
-        out = _expect_result(out, mean.shape, mean.dtype, mistakes, what,
+        out = expect_result(out, mean.shape, mean.dtype, mistakes, what,
                              shape_hint="z has the shape of mean, logvar and eps: combine "
                                         "them element by element")
         if not close(out, expected) and not any(close(out, w) for w in mistakes.values()):
@@ -281,8 +255,8 @@ def check_gaussian_kl(fn) -> str:
         what = f"the KL ({description})"
         expected = du.gaussian_kl(mean, logvar)                  # the reference, before yours
         mistakes = _kl_mistakes(mean, logvar)
-        out = _run(fn, mean.clone(), logvar.clone(), names=names, what=what, explain=explain)
-        out = _expect_result(out, expected.shape, mean.dtype, mistakes, what,
+        out = call_explained(fn, mean.clone(), logvar.clone(), names=names, what=what, explain=explain)
+        out = expect_result(out, expected.shape, mean.dtype, mistakes, what,
                              shape_hint=_kl_shape_hint(out, expected))
         if not close(out, expected) and not any(close(out, w) for w in mistakes.values()) \
                 and bool((out < -1e-5).any()):
@@ -395,12 +369,12 @@ def check_vae_loss(fn) -> str:
         what = f"the loss ({description})"
         expected = du.vae_loss(reconstruction, x, mean, logvar, kl_weight=kl_weight)
         mistakes = _loss_mistakes(reconstruction, x, mean, logvar, kl_weight)
-        out = _run(fn, reconstruction.clone(), x.clone(), mean.clone(), logvar.clone(),
+        out = call_explained(fn, reconstruction.clone(), x.clone(), mean.clone(), logvar.clone(),
                    names=names, what=what, explain=_loss_crash, kl_weight=kl_weight)
         if isinstance(out, numbers.Number):
             fail(f"{what} is a Python {type(out).__name__}: return the loss as a tensor (no "
                  ".item()), so that it keeps its gradient and the VAE can be trained with it")
-        out = _expect_result(out, (), x.dtype, mistakes, what,
+        out = expect_result(out, (), x.dtype, mistakes, what,
                              shape_hint=_loss_shape_hint(out, x))
         compare(out, expected, mistakes, what=what, term_hint=_LOSS_RULE)
     reconstruction, x, mean, logvar, kl_weight, description = _loss_cases()[0]
@@ -508,7 +482,7 @@ def check_latent_scale(fn) -> str:
         expected = du.latent_scale(latents)                      # the reference, before yours
         population = float(1 / latents.double().std(correction=0))
         mistakes = _scale_mistakes(latents)
-        out = _run(fn, latents.clone(), names=("latents",), what=what)
+        out = call_explained(fn, latents.clone(), names=("latents",), what=what)
         value = _scale_value(out, latents, what)
         if near(value, expected, rtol=1e-4) or near(value, population, rtol=1e-4):
             continue

@@ -11,7 +11,7 @@ import torch
 import diffusion_checks as dc
 import diffusion_utilities as du
 
-from check_helpers import DEVICE, IN_PLACE, NAN, stub, table_tests  # noqa: E402
+from check_helpers import DEVICE, IN_PLACE, NAN, table_tests  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
