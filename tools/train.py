@@ -546,6 +546,35 @@ def restore_or_measure(resumed: dict | None, model, opt, sched, step, args) -> t
     return done, bf16
 
 
+def run_steps(run: Resumable, args, *, desc: str, step, sched, model, opt, done: int,
+              bf16: bool, start: float, earlier: Earlier, report=None, evaluate=None,
+              extra_state=None) -> list[float]:
+    """The loop of ``clip``, ``noisy`` and ``vae``: ``step(bf16)`` then the learning-rate step,
+    from step ``done + 1`` to ``--steps``; every ``--log-every`` steps a line ``step s: loss
+    ...`` (``report(recent losses)`` writes what follows "step s: "), every ``--eval-every``
+    steps before the last ``evaluate()``; the state ``--resume`` needs (``extra_state()`` adds
+    to it) saved when due, at the end and on Ctrl-C. Returns the losses of this run."""
+    losses = []
+    model.train()
+    with CtrlC() as ctrl_c:
+        for s in du.tqdm(range(done + 1, args.steps + 1), desc=desc, initial=done,
+                         total=args.steps):
+            losses.append(step(bf16))
+            sched.step()
+            if s % args.log_every == 0:
+                print(f"step {s}: {report(losses[-args.log_every:])}", flush=True)
+            if evaluate is not None and s % args.eval_every == 0 and s < args.steps:
+                print(f"step {s}:", evaluate(), flush=True)
+            if run.due(s) or s == args.steps or ctrl_c.pressed:
+                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
+                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                         **(extra_state() if extra_state else {}))
+            if ctrl_c.pressed:
+                run.stop()
+    return losses
+
+
 @torch.no_grad()
 def clip_quality(model) -> dict:
     """Zero-shot accuracy of shape and colour on fresh images of the seen and of the held-out
@@ -610,25 +639,12 @@ def train_clip(args, run: Resumable, resumed: dict | None) -> None:
         caption_rng.bit_generator.state = resumed["caption_rng"]
     done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
     start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
-    losses = []
-    model.train()
-    with CtrlC() as ctrl_c:
-        for s in du.tqdm(range(done + 1, args.steps + 1), desc="clip", initial=done,
-                         total=args.steps):
-            losses.append(step(bf16))
-            sched.step()
-            if s % args.log_every == 0:
-                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.4f}, "
-                      f"temperature {1 / float(model.scale().detach()):.4f}", flush=True)
-            if s % args.eval_every == 0 and s < args.steps:
-                print(f"step {s}:", clip_quality(model), flush=True)
-            if run.due(s) or s == args.steps or ctrl_c.pressed:
-                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
-                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
-                         optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                         caption_rng=caption_rng.bit_generator.state)
-            if ctrl_c.pressed:
-                run.stop()
+    losses = run_steps(
+        run, args, desc="clip", step=step, sched=sched, model=model, opt=opt, done=done,
+        bf16=bf16, start=start, earlier=earlier, evaluate=lambda: clip_quality(model),
+        report=lambda recent: f"loss {np.mean(recent):.4f}, "
+                              f"temperature {1 / float(model.scale().detach()):.4f}",
+        extra_state=lambda: {"caption_rng": caption_rng.bit_generator.state})
     wall = time.time() - start
     quality = clip_quality(model)
     print("quality:", quality, flush=True)
@@ -714,21 +730,10 @@ def train_noisy(args, run: Resumable, resumed: dict | None) -> None:
 
     done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
     start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
-    losses = []
-    model.train()
-    with CtrlC() as ctrl_c:
-        for s in du.tqdm(range(done + 1, args.steps + 1), desc="noisy classifier",
-                         initial=done, total=args.steps):
-            losses.append(step(bf16))
-            sched.step()
-            if s % args.log_every == 0:
-                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.4f}", flush=True)
-            if run.due(s) or s == args.steps or ctrl_c.pressed:
-                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
-                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
-                         optimizer=opt.state_dict(), scheduler=sched.state_dict())
-            if ctrl_c.pressed:
-                run.stop()
+    losses = run_steps(
+        run, args, desc="noisy classifier", step=step, sched=sched, model=model, opt=opt,
+        done=done, bf16=bf16, start=start, earlier=earlier,
+        report=lambda recent: f"loss {np.mean(recent):.4f}")
     wall = time.time() - start
     quality = noisy_quality(model, schedule)
     print("quality:", quality, flush=True)
@@ -801,23 +806,10 @@ def train_vae(args, run: Resumable, resumed: dict | None) -> None:
 
     done, bf16 = restore_or_measure(resumed, model, opt, sched, step, args)
     start = time.time() - (resumed["wall_time_s"] if resumed else 0.0)
-    losses = []
-    model.train()
-    with CtrlC() as ctrl_c:
-        for s in du.tqdm(range(done + 1, args.steps + 1), desc="vae", initial=done,
-                         total=args.steps):
-            losses.append(step(bf16))
-            sched.step()
-            if s % args.log_every == 0:
-                print(f"step {s}: loss {np.mean(losses[-args.log_every:]):.3f}", flush=True)
-            if s % args.eval_every == 0 and s < args.steps:
-                print(f"step {s}:", vae_quality(model), flush=True)
-            if run.due(s) or s == args.steps or ctrl_c.pressed:
-                run.save(step=s, wall_time_s=time.time() - start, bf16=bf16,
-                         earlier=dataclasses.asdict(earlier), model=model.state_dict(),
-                         optimizer=opt.state_dict(), scheduler=sched.state_dict())
-            if ctrl_c.pressed:
-                run.stop()
+    losses = run_steps(
+        run, args, desc="vae", step=step, sched=sched, model=model, opt=opt, done=done,
+        bf16=bf16, start=start, earlier=earlier, evaluate=lambda: vae_quality(model),
+        report=lambda recent: f"loss {np.mean(recent):.3f}")
     wall = time.time() - start
     if args.half:  # measure exactly the weights we ship
         model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
