@@ -4018,7 +4018,9 @@ class MiniStableDiffusion:
             raise ValueError(f"init_latents must have the shape {(n, *self.latent_shape)} "
                              f"(one scaled latent per prompt), got {tuple(init_latents.shape)}")
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([negative_prompt] * n)
+        one = self.encode_prompts([negative_prompt])           # the same for every image
+        uncond = TextEncoding(*(v.expand(n, *v.shape[1:]) for v in
+                                (one.tokens, one.mask, one.pooled)))
         timesteps = ddim_timesteps(self.schedule.T, num_steps, spacing=LATENT_SPACING)
         schedule = self.schedule.to(device)
         noise = torch.randn((n, *self.latent_shape), generator=generator).to(device)
